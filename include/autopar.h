@@ -1,0 +1,403 @@
+/*
+ * libautopar: automatic data, operator and pipeline parallelism for C training programs.
+ *
+ * The whole public API lives in this header. Layers, top to bottom:
+ *   1. status codes and the last-error message
+ *   2. graph building (inputs, parameters, ops), pipeline boundaries
+ *   3. training-graph construction: autodiff and optimizer updates
+ *   4. graph serialisation (JSON)
+ *   5. the single-process reference executor
+ *   6. cluster descriptions
+ *
+ * Conventions (every function follows them):
+ * - Fallible functions return autopar_status; AUTOPAR_OK is 0. Results are written through a
+ *   pointer-to-pointer out argument, which is set to NULL on failure.
+ * - On failure a message naming the op, tensor, shape or field at fault is stored for the calling
+ *   thread and returned by autopar_last_error(). Nothing is printed.
+ * - Op builders return a tensor handle, or NULL on error. The first error is sticky on the graph:
+ *   once a builder fails, later builders return NULL too (NULL operands propagate), so model code
+ *   may build a whole model and check autopar_graph_status() once.
+ * - Tensor handles belong to their graph and are never freed alone. Every *_free accepts NULL.
+ * - The library never calls exit() or abort() on user input.
+ */
+#ifndef AUTOPAR_H
+#define AUTOPAR_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define AUTOPAR_API __attribute__((visibility("default")))
+#else
+#define AUTOPAR_API
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* 1. Status codes and errors                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum autopar_status {
+    AUTOPAR_OK = 0,
+    AUTOPAR_ERR_INVALID_ARG,  /* NULL handle, bad enum value, out-of-range axis, bad option     */
+    AUTOPAR_ERR_SHAPE,        /* operand shapes do not fit the op                                */
+    AUTOPAR_ERR_DTYPE,        /* operand dtype not accepted by the op                            */
+    AUTOPAR_ERR_NOMEM,        /* host allocation failed                                          */
+    AUTOPAR_ERR_PARSE,        /* malformed JSON or a JSON document missing a required field      */
+    AUTOPAR_ERR_UNKNOWN_OP,   /* an op name (in JSON) that this library does not know            */
+    AUTOPAR_ERR_GRAPH,        /* graph-level error: not topological, no loss, missing gradient   */
+    AUTOPAR_ERR_INFEASIBLE,   /* no plan fits the memory limit (message names the budget needed) */
+    AUTOPAR_ERR_IO,           /* a file could not be opened, read or written                     */
+    AUTOPAR_ERR_MPI,          /* an MPI call failed or ranks disagree                            */
+    AUTOPAR_ERR_BACKEND,      /* a BLAS / CUDA / NCCL / GLPK call failed                         */
+    AUTOPAR_ERR_UNSUPPORTED,  /* feature not compiled in, or op not supported by a backend       */
+    AUTOPAR_ERR_NOT_FOUND,    /* no tensor/preset with that name                                 */
+    AUTOPAR_STATUS_COUNT
+} autopar_status;
+
+/* A short constant description of a status ("shape mismatch", ...). Never NULL. */
+AUTOPAR_API const char *autopar_status_str(autopar_status s);
+
+/* The message of the last failure on the calling thread ("" when none). The text stays valid
+ * until the next failing call on this thread. */
+AUTOPAR_API const char *autopar_last_error(void);
+
+/* Clears the calling thread's last-error message. */
+AUTOPAR_API void autopar_clear_error(void);
+
+/* ------------------------------------------------------------------------------------------ */
+/* 2. Graph building                                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Maximum tensor rank. Builders given more dims fail with AUTOPAR_ERR_SHAPE. */
+#define AUTOPAR_MAX_DIMS 4
+/* Maximum number of operands of one op (concat takes at most this many inputs). */
+#define AUTOPAR_MAX_SRC 8
+/* Maximum length of a tensor name, including the terminating NUL. Longer names are an error. */
+#define AUTOPAR_MAX_NAME 64
+
+typedef struct autopar_graph  autopar_graph;
+typedef struct autopar_tensor autopar_tensor;
+
+typedef enum autopar_dtype {
+    AUTOPAR_F32 = 0,  /* float; all differentiable values                                     */
+    AUTOPAR_I32 = 1,  /* int32_t; token ids and class labels only (embedding, cross-entropy)   */
+    AUTOPAR_DTYPE_COUNT
+} autopar_dtype;
+
+/* How a parameter is initialised from the executor's seed (see autopar_executor_new). The value
+ * of every element depends only on (seed, parameter name, element index), so any rank can
+ * initialise any shard of a parameter and get the same numbers as a single-device run. */
+typedef enum autopar_init {
+    AUTOPAR_INIT_ZEROS = 0,
+    AUTOPAR_INIT_ONES,
+    AUTOPAR_INIT_NORMAL,   /* N(0, scale^2); scale 0 means 1/sqrt(fan_in), fan_in = shape[0]     */
+    AUTOPAR_INIT_UNIFORM,  /* U(-scale, scale); scale 0 means 1/sqrt(fan_in)                     */
+    AUTOPAR_INIT_COUNT
+} autopar_init;
+
+/* What a tensor is, for memory accounting and the passes. */
+typedef enum autopar_kind {
+    AUTOPAR_KIND_INPUT = 0,   /* fed by the user each step (a batch)                         */
+    AUTOPAR_KIND_PARAM,       /* trainable parameter                                          */
+    AUTOPAR_KIND_CONSTANT,    /* a constant fill (e.g. the seed gradient of the loss)         */
+    AUTOPAR_KIND_ACTIVATION,  /* forward intermediate                                         */
+    AUTOPAR_KIND_GRADIENT,    /* backward intermediate or a parameter's gradient              */
+    AUTOPAR_KIND_OPT_STATE,   /* optimizer state (momentum, Adam moments)                     */
+    AUTOPAR_KIND_UPDATE,      /* new value of a parameter or optimizer state                  */
+    AUTOPAR_KIND_COUNT
+} autopar_kind;
+
+/* Which part of a training step a node belongs to. */
+typedef enum autopar_phase {
+    AUTOPAR_PHASE_FORWARD = 0,
+    AUTOPAR_PHASE_BACKWARD,
+    AUTOPAR_PHASE_APPLY,
+    AUTOPAR_PHASE_COUNT
+} autopar_phase;
+
+/* Creates an empty graph. Errors: AUTOPAR_ERR_INVALID_ARG (out NULL), AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_graph_new(autopar_graph **out);
+
+/* Frees a graph and every tensor handle in it. NULL-safe. */
+AUTOPAR_API void autopar_graph_free(autopar_graph *g);
+
+/* The graph's sticky status: AUTOPAR_OK, or the status of the first failed builder call. */
+AUTOPAR_API autopar_status autopar_graph_status(const autopar_graph *g);
+
+/* The message of the graph's first error ("" when none). Valid until the graph is freed. */
+AUTOPAR_API const char *autopar_graph_error(const autopar_graph *g);
+
+/* A per-step input (a batch). batch_dim is the dimension that indexes samples (the passes may
+ * split it for data parallelism), or -1 when the input has none. Names must be unique. */
+AUTOPAR_API autopar_tensor *autopar_input(autopar_graph *g, const char *name, autopar_dtype dtype,
+                                          int ndim, const int64_t *shape, int batch_dim);
+
+/* A trainable F32 parameter initialised as `init` says (scale: see autopar_init). */
+AUTOPAR_API autopar_tensor *autopar_param(autopar_graph *g, const char *name, int ndim,
+                                          const int64_t *shape, autopar_init init, float scale);
+
+/* Matrix product. Each operand is viewed as a matrix by flattening all dims but the last into
+ * rows, then optionally transposed: C = op(A) · op(B). When A is not transposed the result keeps
+ * A's leading dims, otherwise it is 2-D. The usual dense layer is autopar_matmul(x[..., k], w[k, n]). */
+AUTOPAR_API autopar_tensor *autopar_matmul(autopar_graph *g, autopar_tensor *a, autopar_tensor *b);
+AUTOPAR_API autopar_tensor *autopar_matmul_ex(autopar_graph *g, autopar_tensor *a,
+                                              autopar_tensor *b, int trans_a, int trans_b);
+
+/* Batched matrix product over the last two dims; the leading (batch) dims of a and b must be
+ * equal (rank 3 or 4). trans_a / trans_b transpose the last two dims of the operand. */
+AUTOPAR_API autopar_tensor *autopar_batch_matmul(autopar_graph *g, autopar_tensor *a,
+                                                 autopar_tensor *b, int trans_a, int trans_b);
+
+/* Elementwise a+b, a-b, a*b. b has a's shape, or a suffix of it (a bias broadcast over a's
+ * leading dims, e.g. a[B,T,C] + b[C] or a[B,T,C] + b[T,C]). The result has a's shape. */
+AUTOPAR_API autopar_tensor *autopar_add(autopar_graph *g, autopar_tensor *a, autopar_tensor *b);
+AUTOPAR_API autopar_tensor *autopar_sub(autopar_graph *g, autopar_tensor *a, autopar_tensor *b);
+AUTOPAR_API autopar_tensor *autopar_mul(autopar_graph *g, autopar_tensor *a, autopar_tensor *b);
+
+/* x * s. */
+AUTOPAR_API autopar_tensor *autopar_scale(autopar_graph *g, autopar_tensor *x, float s);
+
+/* max(x, 0). */
+AUTOPAR_API autopar_tensor *autopar_relu(autopar_graph *g, autopar_tensor *x);
+
+/* GELU, tanh form: 0.5·x·(1 + tanh(sqrt(2/pi)·(x + 0.044715·x^3))). */
+AUTOPAR_API autopar_tensor *autopar_gelu(autopar_graph *g, autopar_tensor *x);
+
+/* Layer normalisation over the last dim: (x - mean) / sqrt(var + eps) * gain + bias, with gain
+ * and bias of shape [last dim]. */
+AUTOPAR_API autopar_tensor *autopar_layernorm(autopar_graph *g, autopar_tensor *x,
+                                              autopar_tensor *gain, autopar_tensor *bias,
+                                              float eps);
+
+/* Softmax over the last dim. With causal != 0 the input needs rank >= 2 and square last two dims
+ * [.., T, T]; entry (i, j) with j > i is masked out (probability 0). */
+AUTOPAR_API autopar_tensor *autopar_softmax(autopar_graph *g, autopar_tensor *x, int causal);
+
+/* Same data, new shape (element counts must match). */
+AUTOPAR_API autopar_tensor *autopar_reshape(autopar_graph *g, autopar_tensor *x, int ndim,
+                                            const int64_t *shape);
+
+/* Dimension permutation: result dim i is x's dim perm[i]. */
+AUTOPAR_API autopar_tensor *autopar_permute(autopar_graph *g, autopar_tensor *x, const int *perm);
+
+/* Swaps the last two dims. */
+AUTOPAR_API autopar_tensor *autopar_transpose(autopar_graph *g, autopar_tensor *x);
+
+/* The part [start, start+len) of x along axis. */
+AUTOPAR_API autopar_tensor *autopar_slice(autopar_graph *g, autopar_tensor *x, int axis,
+                                          int64_t start, int64_t len);
+
+/* Splits x along axis into n equal parts written to out[0..n-1] (the axis length must be
+ * divisible by n). On error every out[i] is NULL and the graph's sticky status is set. */
+AUTOPAR_API autopar_status autopar_split(autopar_graph *g, autopar_tensor *x, int axis, int n,
+                                         autopar_tensor **out);
+
+/* Concatenation of n (1..AUTOPAR_MAX_SRC) tensors along axis; other dims must agree. */
+AUTOPAR_API autopar_tensor *autopar_concat(autopar_graph *g, int n, autopar_tensor *const *xs,
+                                           int axis);
+
+/* Embedding lookup: table[V, C] (F32) indexed by ids (I32, any shape S) gives S + [C]. Ids
+ * outside [0, V) are an execution error naming the tensor. */
+AUTOPAR_API autopar_tensor *autopar_embedding(autopar_graph *g, autopar_tensor *table,
+                                              autopar_tensor *ids);
+
+/* Sum / mean over one axis (negative counts from the end; the axis is removed), or over all
+ * elements (a scalar, rank 0). */
+AUTOPAR_API autopar_tensor *autopar_sum(autopar_graph *g, autopar_tensor *x, int axis);
+AUTOPAR_API autopar_tensor *autopar_mean(autopar_graph *g, autopar_tensor *x, int axis);
+AUTOPAR_API autopar_tensor *autopar_sum_all(autopar_graph *g, autopar_tensor *x);
+AUTOPAR_API autopar_tensor *autopar_mean_all(autopar_graph *g, autopar_tensor *x);
+
+/* Mean squared error mean((pred - target)^2), a scalar. Shapes must be equal. */
+AUTOPAR_API autopar_tensor *autopar_mse_loss(autopar_graph *g, autopar_tensor *pred,
+                                             autopar_tensor *target);
+
+/* Softmax cross-entropy averaged over all positions: logits[..., V] (F32) and integer labels
+ * with logits' leading dims (I32). A scalar. */
+AUTOPAR_API autopar_tensor *autopar_cross_entropy(autopar_graph *g, autopar_tensor *logits,
+                                                  autopar_tensor *labels);
+
+/* Ends the current pipeline layer: ops built after this call belong to the next layer. Layers
+ * are numbered from 0. The inter-operator pass may use these as manual layer boundaries. */
+AUTOPAR_API autopar_status autopar_mark_pipeline_boundary(autopar_graph *g);
+
+/* Tensor inspection. Accessors on a NULL tensor return 0 / NULL / -1. */
+AUTOPAR_API const char   *autopar_tensor_name(const autopar_tensor *t);
+AUTOPAR_API int           autopar_tensor_ndim(const autopar_tensor *t);
+AUTOPAR_API int64_t       autopar_tensor_dim(const autopar_tensor *t, int i);
+AUTOPAR_API int64_t       autopar_tensor_numel(const autopar_tensor *t);
+AUTOPAR_API autopar_dtype autopar_tensor_dtype(const autopar_tensor *t);
+AUTOPAR_API autopar_kind  autopar_tensor_kind(const autopar_tensor *t);
+AUTOPAR_API autopar_phase autopar_tensor_phase(const autopar_tensor *t);
+AUTOPAR_API int           autopar_tensor_layer(const autopar_tensor *t);
+
+/* Number of tensors (nodes) in the graph, and the i-th in topological order. */
+AUTOPAR_API int             autopar_graph_size(const autopar_graph *g);
+AUTOPAR_API autopar_tensor *autopar_graph_tensor(const autopar_graph *g, int i);
+
+/* The tensor with this name, or NULL (AUTOPAR_ERR_NOT_FOUND recorded as last error). */
+AUTOPAR_API autopar_tensor *autopar_graph_find(const autopar_graph *g, const char *name);
+
+/* Checks the graph's invariants (topological order, every shape re-inferred from its operands,
+ * dtypes, unique names, gradient links). Returns the first violation with a message. */
+AUTOPAR_API autopar_status autopar_graph_validate(const autopar_graph *g);
+
+/* Prints one line per tensor: id, name, op, operands, shape, kind, phase, layer. */
+AUTOPAR_API void autopar_graph_print(const autopar_graph *g, FILE *f);
+
+/* ------------------------------------------------------------------------------------------ */
+/* 3. Training graph: autodiff and optimizer                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Appends the backward pass of the scalar `loss` to g: for every parameter (and every
+ * differentiable tensor on a path from a parameter to the loss) a gradient tensor, with
+ * contributions from several consumers summed. Can be called once per graph.
+ * Errors: AUTOPAR_ERR_SHAPE (loss not a scalar), AUTOPAR_ERR_GRAPH (already done, or no
+ * parameter reaches the loss), the graph's sticky status if it is set. */
+AUTOPAR_API autopar_status autopar_backward(autopar_graph *g, autopar_tensor *loss);
+
+/* The gradient of t (after autopar_backward), or NULL when t gets none. */
+AUTOPAR_API autopar_tensor *autopar_grad(const autopar_graph *g, const autopar_tensor *t);
+
+/* The loss given to autopar_backward, or NULL. */
+AUTOPAR_API autopar_tensor *autopar_graph_loss(const autopar_graph *g);
+
+typedef enum autopar_optimizer_kind {
+    AUTOPAR_OPT_SGD = 0,     /* p -= lr·(g + wd·p)                                             */
+    AUTOPAR_OPT_MOMENTUM,    /* v = mu·v + g;  p -= lr·(v + wd·p)                              */
+    AUTOPAR_OPT_ADAMW,       /* Adam with bias correction and decoupled weight decay:         */
+                             /*   m = b1·m + (1-b1)·g,  v = b2·v + (1-b2)·g²                   */
+                             /*   p -= lr·( (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps) + wd·p )   */
+    AUTOPAR_OPT_COUNT
+} autopar_optimizer_kind;
+
+typedef struct autopar_optimizer {
+    autopar_optimizer_kind kind;
+    float lr;
+    float momentum;       /* MOMENTUM only                                   */
+    float beta1, beta2;   /* ADAMW only                                      */
+    float eps;            /* ADAMW only                                      */
+    float weight_decay;
+} autopar_optimizer;
+
+/* Fills o with defaults: AdamW, lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8, wd 0, momentum 0.9. */
+AUTOPAR_API void autopar_optimizer_default(autopar_optimizer *o);
+
+/* Appends the optimizer update of every parameter (phase APPLY) and its state tensors (kind
+ * OPT_STATE, zero-initialised). Each update tensor is tied to the parameter or state it
+ * replaces at the end of a step. Requires autopar_backward first (AUTOPAR_ERR_GRAPH). */
+AUTOPAR_API autopar_status autopar_apply_optimizer(autopar_graph *g, const autopar_optimizer *o);
+
+/* Both of the above: backward of loss, then the optimizer's updates. */
+AUTOPAR_API autopar_status autopar_build_training(autopar_graph *g, autopar_tensor *loss,
+                                                  const autopar_optimizer *o);
+
+/* ------------------------------------------------------------------------------------------ */
+/* 4. Serialisation                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Writes the graph as JSON text (malloc'ed, NUL-terminated; free with free()). */
+AUTOPAR_API autopar_status autopar_graph_to_json(const autopar_graph *g, char **out);
+
+/* Reads a graph from JSON text. Every node is rebuilt through the same checks as the builders,
+ * so a document with an unknown op (AUTOPAR_ERR_UNKNOWN_OP), a stored shape that differs from
+ * the inferred one (AUTOPAR_ERR_SHAPE), a wrong dtype (AUTOPAR_ERR_DTYPE) or malformed JSON
+ * (AUTOPAR_ERR_PARSE) is rejected with a message naming the node. */
+AUTOPAR_API autopar_status autopar_graph_from_json(const char *json, autopar_graph **out);
+
+/* File forms of the two functions above (AUTOPAR_ERR_IO when the file cannot be used). */
+AUTOPAR_API autopar_status autopar_graph_save(const autopar_graph *g, const char *path);
+AUTOPAR_API autopar_status autopar_graph_load(const char *path, autopar_graph **out);
+
+/* ------------------------------------------------------------------------------------------ */
+/* 5. Single-process reference executor (CPU)                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct autopar_executor autopar_executor;
+
+/* Arithmetic used for F32 tensors. F64 runs every kernel in double precision (the reference
+ * for gradient checks); the public read/write functions still take float / double as named. */
+typedef enum autopar_precision {
+    AUTOPAR_PRECISION_F32 = 0,
+    AUTOPAR_PRECISION_F64,
+    AUTOPAR_PRECISION_COUNT
+} autopar_precision;
+
+/* Allocates every tensor of g and initialises parameters from seed (see autopar_init) and
+ * optimizer state to zero. The executor keeps a pointer to g, which must outlive it and must
+ * not be modified. Errors: AUTOPAR_ERR_INVALID_ARG, AUTOPAR_ERR_GRAPH (sticky graph error),
+ * AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_executor_new(const autopar_graph *g, uint64_t seed,
+                                                autopar_precision precision,
+                                                autopar_executor **out);
+AUTOPAR_API void autopar_executor_free(autopar_executor *ex);
+
+/* Copies n elements into tensor t (an input, parameter or optimizer state): float for F32
+ * tensors, int32_t for I32 tensors. n must equal the tensor's element count. */
+AUTOPAR_API autopar_status autopar_executor_write(autopar_executor *ex, const autopar_tensor *t,
+                                                  const void *data, int64_t n);
+
+/* Copies tensor t's current value out (float for F32, int32_t for I32); n as above. */
+AUTOPAR_API autopar_status autopar_executor_read(const autopar_executor *ex,
+                                                 const autopar_tensor *t, void *data, int64_t n);
+
+/* Double-precision forms for F32 tensors (exact in F64 precision; rounded in F32). */
+AUTOPAR_API autopar_status autopar_executor_write_f64(autopar_executor *ex,
+                                                      const autopar_tensor *t,
+                                                      const double *data, int64_t n);
+AUTOPAR_API autopar_status autopar_executor_read_f64(const autopar_executor *ex,
+                                                     const autopar_tensor *t, double *data,
+                                                     int64_t n);
+
+/* Runs the forward phase only; *loss (may be NULL) receives the graph's loss when it has one. */
+AUTOPAR_API autopar_status autopar_executor_forward(autopar_executor *ex, double *loss);
+
+/* Runs forward and backward (gradients readable afterwards), no update. */
+AUTOPAR_API autopar_status autopar_executor_forward_backward(autopar_executor *ex, double *loss);
+
+/* One training step: forward, backward, optimizer apply, then every parameter and optimizer
+ * state takes its updated value. *loss is the loss before the update. */
+AUTOPAR_API autopar_status autopar_executor_step(autopar_executor *ex, double *loss);
+
+/* Number of completed optimizer steps. */
+AUTOPAR_API int64_t autopar_executor_steps(const autopar_executor *ex);
+
+/* ------------------------------------------------------------------------------------------ */
+/* 6. Cluster description                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct autopar_cluster autopar_cluster;
+
+/* Reads a cluster from a JSON document (schema in docs/cluster.md). Errors: AUTOPAR_ERR_PARSE
+ * for malformed JSON or a missing field, AUTOPAR_ERR_INVALID_ARG for a bad value (negative
+ * bandwidth, zero devices, ...), each naming the field. */
+AUTOPAR_API autopar_status autopar_cluster_from_json(const char *json, autopar_cluster **out);
+
+/* Reads a cluster JSON file (AUTOPAR_ERR_IO when it cannot be read). */
+AUTOPAR_API autopar_status autopar_cluster_load(const char *path, autopar_cluster **out);
+
+/* A named preset: "p3.16xlarge" (hosts x 8 V100 16 GB, NVLink, 25 Gb/s), "dgx-h100"
+ * (hosts x 8 H100 80 GB, NVLink4, 8x400 Gb/s IB), "cpu" (hosts x devices MPI ranks on CPU
+ * cores). AUTOPAR_ERR_NOT_FOUND for an unknown name (the message lists the known ones). */
+AUTOPAR_API autopar_status autopar_cluster_preset(const char *name, int hosts,
+                                                  int devices_per_host, autopar_cluster **out);
+
+/* The cluster as JSON text (malloc'ed; free with free()); autopar_cluster_from_json reads it
+ * back to an identical cluster. */
+AUTOPAR_API autopar_status autopar_cluster_to_json(const autopar_cluster *c, char **out);
+
+AUTOPAR_API int  autopar_cluster_hosts(const autopar_cluster *c);
+AUTOPAR_API int  autopar_cluster_devices_per_host(const autopar_cluster *c);
+AUTOPAR_API void autopar_cluster_print(const autopar_cluster *c, FILE *f);
+AUTOPAR_API void autopar_cluster_free(autopar_cluster *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AUTOPAR_H */
