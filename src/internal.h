@@ -133,7 +133,7 @@ struct autopar_graph {
     bool         has_optimizer;
     autopar_optimizer optimizer;
     ap_status    status;            /* sticky                                                   */
-    char         error[512];
+    char         error[1024];
 };
 
 /* One row of the op table. */
@@ -152,6 +152,9 @@ AP_INTERNAL const ap_op_info *ap_op_info_get(ap_op op);
 AP_INTERNAL const char *ap_op_name(ap_op op);
 /* Op from its name, or AP_OP_COUNT. */
 AP_INTERNAL ap_op ap_op_from_name(const char *name);
+/* Lower-case names of kinds and phases ("param", "backward", ...); "?" when out of range. */
+AP_INTERNAL const char *ap_kind_name(autopar_kind k);
+AP_INTERNAL const char *ap_phase_name(autopar_phase p);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors                                                                                      */
@@ -205,7 +208,8 @@ AP_INTERNAL int ap_emit(autopar_graph *g, ap_op op, int n_src, const int *src,
 AP_INTERNAL double ap_node_flops(const autopar_graph *g, const ap_node *n);
 AP_INTERNAL double ap_node_bytes(const autopar_graph *g, const ap_node *n);
 
-static inline size_t ap_dtype_size(ap_dtype t) { return t == AUTOPAR_I32 ? 4 : 4; }
+/* Bytes per element as stored on devices (F32 and I32 are both 4 bytes). */
+static inline size_t ap_dtype_size(ap_dtype t) { (void)t; return 4; }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Kernel calls: the interface between the IR and every backend's kernels.                     */
