@@ -229,16 +229,15 @@ autopar_status autopar_backward(autopar_graph *g, autopar_tensor *loss_t) {
     if (g->status != AUTOPAR_OK) return ap_error(g->status, "%s", g->error);
     const ap_node *loss = (const ap_node *)loss_t;
     if (!loss || loss->id < 0 || loss->id >= g->n_nodes || g->nodes[loss->id] != loss)
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG,
-                             "autopar_backward: loss is NULL or not a tensor of this graph");
+        return ap_error(AUTOPAR_ERR_INVALID_ARG,
+                        "autopar_backward: loss is NULL or not a tensor of this graph");
     if (g->loss >= 0)
-        return ap_graph_fail(g, AUTOPAR_ERR_GRAPH, "autopar_backward: the backward pass was "
-                             "already built (loss '%s')", g->nodes[g->loss]->name);
+        return ap_error(AUTOPAR_ERR_GRAPH, "autopar_backward: the backward pass was already built "
+                        "(loss '%s')", g->nodes[g->loss]->name);
     if (loss->shape.ndim != 0 || loss->dtype != AUTOPAR_F32) {
         char sh[96];
-        return ap_graph_fail(g, AUTOPAR_ERR_SHAPE, "autopar_backward: loss '%s' must be an f32 "
-                             "scalar, it has shape %s", loss->name,
-                             ap_shape_str(&loss->shape, sh, sizeof sh));
+        return ap_error(AUTOPAR_ERR_SHAPE, "autopar_backward: loss '%s' must be an f32 scalar, "
+                        "it has shape %s", loss->name, ap_shape_str(&loss->shape, sh, sizeof sh));
     }
 
     int n_fwd = loss->id + 1;
@@ -268,16 +267,16 @@ autopar_status autopar_backward(autopar_graph *g, autopar_tensor *loss_t) {
     free(reaches);
     if (!any_param) {
         free(need);
-        return ap_graph_fail(g, AUTOPAR_ERR_GRAPH,
-                             "autopar_backward: no parameter reaches the loss '%s'", loss->name);
+        return ap_error(AUTOPAR_ERR_GRAPH, "autopar_backward: no parameter reaches the loss '%s'",
+                        loss->name);
     }
     for (int i = 0; i < n_fwd; i++) {
         const ap_node *n = g->nodes[i];
         if (need[i] && n->op != AP_OP_PARAM && !ap_op_info_get(n->op)->backward) {
             free(need);
-            return ap_graph_fail(g, AUTOPAR_ERR_UNSUPPORTED, "autopar_backward: op %s ('%s') has "
-                                 "no gradient rule but lies between a parameter and the loss",
-                                 ap_op_name(n->op), n->name);
+            return ap_error(AUTOPAR_ERR_UNSUPPORTED, "autopar_backward: op %s ('%s') has no "
+                            "gradient rule but lies between a parameter and the loss",
+                            ap_op_name(n->op), n->name);
         }
     }
 

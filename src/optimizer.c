@@ -21,22 +21,22 @@ void autopar_optimizer_default(autopar_optimizer *o) {
     o->weight_decay = 0.0f;
 }
 
-static ap_status check_options(autopar_graph *g, const autopar_optimizer *o) {
+static ap_status check_options(const autopar_optimizer *o) {
     if ((int)o->kind < 0 || o->kind >= AUTOPAR_OPT_COUNT)
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG, "optimizer kind %d is not valid",
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "optimizer kind %d is not valid",
                              (int)o->kind);
     if (!(o->lr >= 0.0f) || !isfinite(o->lr))
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG, "optimizer lr %g must be >= 0", o->lr);
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "optimizer lr %g must be >= 0", o->lr);
     if (!(o->weight_decay >= 0.0f))
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG, "optimizer weight_decay %g must be >= 0",
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "optimizer weight_decay %g must be >= 0",
                              o->weight_decay);
     if (o->kind == AUTOPAR_OPT_MOMENTUM && !(o->momentum >= 0.0f && o->momentum < 1.0f))
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG, "momentum %g must be in [0, 1)",
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "momentum %g must be in [0, 1)",
                              o->momentum);
     if (o->kind == AUTOPAR_OPT_ADAMW &&
         !(o->beta1 >= 0.0f && o->beta1 < 1.0f && o->beta2 >= 0.0f && o->beta2 < 1.0f &&
           o->eps > 0.0f))
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG, "AdamW needs 0 <= beta1, beta2 < 1 and "
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "AdamW needs 0 <= beta1, beta2 < 1 and "
                              "eps > 0 (got %g, %g, %g)", o->beta1, o->beta2, o->eps);
     return AUTOPAR_OK;
 }
@@ -99,7 +99,7 @@ static ap_status update_param(autopar_graph *g, const ap_node *p, const autopar_
         return emit_update(g, AP_OP_ADAMW_UPDATE, 3, src, &a, p->id) < 0 ? g->status : AUTOPAR_OK;
     }
     default:
-        return ap_graph_fail(g, AUTOPAR_ERR_INVALID_ARG, "optimizer kind %d", (int)o->kind);
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "optimizer kind %d", (int)o->kind);
     }
 }
 
@@ -107,11 +107,10 @@ autopar_status autopar_apply_optimizer(autopar_graph *g, const autopar_optimizer
     if (!g || !o) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_apply_optimizer: NULL argument");
     if (g->status != AUTOPAR_OK) return ap_error(g->status, "%s", g->error);
     if (g->loss < 0)
-        return ap_graph_fail(g, AUTOPAR_ERR_GRAPH,
-                             "autopar_apply_optimizer: call autopar_backward first");
+        return ap_error(AUTOPAR_ERR_GRAPH, "autopar_apply_optimizer: call autopar_backward first");
     if (g->has_optimizer)
-        return ap_graph_fail(g, AUTOPAR_ERR_GRAPH, "autopar_apply_optimizer: already applied");
-    ap_status st = check_options(g, o);
+        return ap_error(AUTOPAR_ERR_GRAPH, "autopar_apply_optimizer: already applied");
+    ap_status st = check_options(o);
     if (st) return st;
     g->current_phase = AUTOPAR_PHASE_APPLY;
     int n_params = g->n_nodes;
