@@ -301,11 +301,12 @@ autopar_status autopar_backward(autopar_graph *g, autopar_tensor *loss_t) {
     for (int i = 0; i < n_fwd && st == AUTOPAR_OK; i++) {
         ap_node *p = g->nodes[i];
         if (p->op != AP_OP_PARAM || p->grad < 0) continue;
-        ap_node *gr = g->nodes[p->grad];
         char name[AP_MAX_NAME + 8];
         snprintf(name, sizeof name, "%s.grad", p->name);
-        if (strlen(name) < AP_MAX_NAME && !autopar_graph_find(g, name))
-            snprintf(gr->name, sizeof gr->name, "%s", name);
+        /* a gradient node shared by two parameters keeps the first parameter's name */
+        if (strlen(name) < AP_MAX_NAME && ap_graph_lookup(g, name) < 0 &&
+            !strstr(g->nodes[p->grad]->name, ".grad"))
+            st = ap_graph_rename(g, p->grad, name);
     }
     free(need);
     if (st != AUTOPAR_OK) return st;

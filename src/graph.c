@@ -28,6 +28,7 @@ void autopar_graph_free(autopar_graph *g) {
     if (!g) return;
     for (int i = 0; i < g->n_nodes; i++) free(g->nodes[i]);
     free(g->nodes);
+    free(g->name_index);
     free(g);
 }
 
@@ -37,10 +38,50 @@ autopar_status autopar_graph_status(const autopar_graph *g) {
 
 const char *autopar_graph_error(const autopar_graph *g) { return g ? g->error : "graph is NULL"; }
 
+/* ---- name index: names are looked up on every named node, so a linear scan would make graph
+ * construction quadratic in the node count ---------------------------------------------------- */
+
+static uint64_t name_hash(const char *name) { return ap_hash_name(name); }
+
+static void index_insert(int *slots, int cap, const autopar_graph *g, int id) {
+    size_t mask = (size_t)cap - 1, h = (size_t)name_hash(g->nodes[id]->name) & mask;
+    while (slots[h] >= 0) h = (h + 1) & mask;
+    slots[h] = id;
+}
+
+/* Rebuilds the index with room for `n_nodes` nodes. */
+static bool index_rebuild(autopar_graph *g, int n_nodes) {
+    int cap = 64;
+    while (cap < 2 * n_nodes + 2) cap *= 2;
+    int *slots = malloc((size_t)cap * sizeof *slots);
+    if (!slots) return false;
+    for (int i = 0; i < cap; i++) slots[i] = -1;
+    for (int i = 0; i < g->n_nodes; i++) index_insert(slots, cap, g, i);
+    free(g->name_index);
+    g->name_index = slots;
+    g->name_index_cap = cap;
+    return true;
+}
+
+int ap_graph_lookup(const autopar_graph *g, const char *name) {
+    if (!g->name_index) return -1;
+    size_t mask = (size_t)g->name_index_cap - 1, h = (size_t)name_hash(name) & mask;
+    for (; g->name_index[h] >= 0; h = (h + 1) & mask)
+        if (strcmp(g->nodes[g->name_index[h]]->name, name) == 0) return g->name_index[h];
+    return -1;
+}
+
 static bool name_taken(const autopar_graph *g, const char *name) {
-    for (int i = 0; i < g->n_nodes; i++)
-        if (strcmp(g->nodes[i]->name, name) == 0) return true;
-    return false;
+    return ap_graph_lookup(g, name) >= 0;
+}
+
+ap_status ap_graph_rename(autopar_graph *g, int id, const char *name) {
+    if (strlen(name) >= AP_MAX_NAME || name_taken(g, name))
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "cannot rename '%s' to '%s'", g->nodes[id]->name,
+                        name);
+    memcpy(g->nodes[id]->name, name, strlen(name) + 1);
+    return index_rebuild(g, g->cap_nodes) ? AUTOPAR_OK
+                                          : ap_error(AUTOPAR_ERR_NOMEM, "rename: out of memory");
 }
 
 static autopar_kind kind_for(ap_op op, autopar_phase phase) {
@@ -100,6 +141,10 @@ ap_node *ap_graph_add(autopar_graph *g, ap_op op, int n_src, const int *src, con
         }
         g->nodes = nodes;
         g->cap_nodes = cap;
+        if (!index_rebuild(g, cap)) {
+            ap_graph_fail(g, AUTOPAR_ERR_NOMEM, "%s '%s': out of memory", info->name, label);
+            return NULL;
+        }
     }
     ap_node *n = calloc(1, sizeof *n);
     if (!n) {
@@ -115,10 +160,14 @@ ap_node *ap_graph_add(autopar_graph *g, ap_op op, int n_src, const int *src, con
     if (shape) n->shape = *shape;
     n->grad = -1;
     n->assign_to = -1;
-    if (name)
+    if (name) {
         snprintf(n->name, sizeof n->name, "%s", name);
-    else
+    } else {
+        /* "<op>_<id>", with a suffix in the rare case a user already took that name */
         snprintf(n->name, sizeof n->name, "%s_%d", info->name, n->id);
+        for (int k = 1; name_taken(g, n->name); k++)
+            snprintf(n->name, sizeof n->name, "%s_%d_%d", info->name, n->id, k);
+    }
 
     char msg[400];
     msg[0] = '\0';
@@ -146,6 +195,7 @@ ap_node *ap_graph_add(autopar_graph *g, ap_op op, int n_src, const int *src, con
     else
         n->layer = g->current_layer;
     g->nodes[g->n_nodes++] = n;
+    index_insert(g->name_index, g->name_index_cap, g, n->id);
     return n;
 }
 
@@ -472,8 +522,8 @@ autopar_tensor *autopar_graph_find(const autopar_graph *g, const char *name) {
         ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_find: graph or name is NULL");
         return NULL;
     }
-    for (int i = 0; i < g->n_nodes; i++)
-        if (strcmp(g->nodes[i]->name, name) == 0) return (autopar_tensor *)g->nodes[i];
+    int id = ap_graph_lookup(g, name);
+    if (id >= 0) return (autopar_tensor *)g->nodes[id];
     ap_error(AUTOPAR_ERR_NOT_FOUND, "no tensor named '%s' in the graph", name);
     return NULL;
 }
@@ -518,10 +568,10 @@ autopar_status autopar_graph_validate(const autopar_graph *g) {
                             copy.dtype == AUTOPAR_I32 ? "i32" : "f32",
                             ap_shape_str(&copy.shape, b, sizeof b));
         }
-        for (int j = 0; j < i; j++)
-            if (strcmp(g->nodes[j]->name, n->name) == 0)
-                return ap_error(AUTOPAR_ERR_GRAPH, "nodes %d and %d are both named '%s'", j, i,
-                                n->name);
+        int same = ap_graph_lookup(g, n->name);
+        if (same != i)
+            return ap_error(AUTOPAR_ERR_GRAPH, "nodes %d and %d are both named '%s'", same, i,
+                            n->name);
         if (n->grad >= g->n_nodes || n->grad < -1 || (n->grad >= 0 && n->grad <= i))
             return ap_error(AUTOPAR_ERR_GRAPH, "node %d '%s': gradient link %d is invalid", i,
                             n->name, n->grad);

@@ -18,6 +18,8 @@
 #define AP_MAX_NAME AUTOPAR_MAX_NAME
 #define AP_MAX_IATTR 8
 #define AP_MAX_FATTR 6
+/* Largest element count of one tensor; keeps byte counts and products far from overflow. */
+#define AP_MAX_NUMEL ((int64_t)1 << 48)
 
 #if defined(__GNUC__)
 #define AP_INTERNAL __attribute__((visibility("hidden")))
@@ -132,6 +134,8 @@ struct autopar_graph {
     int          loss;              /* id of the loss, -1 until autopar_backward               */
     bool         has_optimizer;
     autopar_optimizer optimizer;
+    int         *name_index;        /* open-addressing hash of node ids by name (-1 = empty)   */
+    int          name_index_cap;    /* power of two, > 2 * n_nodes                             */
     ap_status    status;            /* sticky                                                   */
     char         error[1024];
 };
@@ -199,6 +203,11 @@ AP_INTERNAL ap_node *ap_graph_add(autopar_graph *g, ap_op op, int n_src, const i
 /* During autodiff: adds `contribution` (an id) to the gradient of node `target`, creating it
  * on first use and summing later ones. */
 AP_INTERNAL ap_status ap_grad_accumulate(autopar_graph *g, int target, int contribution);
+
+/* Id of the node named `name`, or -1. */
+AP_INTERNAL int ap_graph_lookup(const autopar_graph *g, const char *name);
+/* Renames node id (the new name must be free); keeps the name index consistent. */
+AP_INTERNAL ap_status ap_graph_rename(autopar_graph *g, int id, const char *name);
 
 /* Shorthand used by gradient rules: creates a node in the backward phase, returns its id or -1. */
 AP_INTERNAL int ap_emit(autopar_graph *g, ap_op op, int n_src, const int *src,

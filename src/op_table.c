@@ -70,10 +70,15 @@ static bool is_suffix(const ap_shape *suffix, const ap_shape *full) {
 static ap_status check_node_shape(const ap_node *n, char *msg, size_t msg_len) {
     if (n->shape.ndim < 0 || n->shape.ndim > AP_MAX_DIMS)
         FAIL(AUTOPAR_ERR_SHAPE, "rank %d outside 0..%d", n->shape.ndim, AP_MAX_DIMS);
-    for (int i = 0; i < n->shape.ndim; i++)
+    int64_t numel = 1;
+    for (int i = 0; i < n->shape.ndim; i++) {
         if (n->shape.dim[i] <= 0)
             FAIL(AUTOPAR_ERR_SHAPE, "dim %d is %lld, dims must be positive", i,
                  (long long)n->shape.dim[i]);
+        if (n->shape.dim[i] > AP_MAX_NUMEL / numel)
+            FAIL(AUTOPAR_ERR_SHAPE, "more than 2^48 elements");
+        numel *= n->shape.dim[i];
+    }
     return AUTOPAR_OK;
 }
 
