@@ -132,6 +132,16 @@ AUTOPAR_API autopar_status autopar_graph_status(const autopar_graph *g);
 /* The message of the graph's first error ("" when none). Valid until the graph is freed. */
 AUTOPAR_API const char *autopar_graph_error(const autopar_graph *g);
 
+/* Records an error of the caller's own (e.g. a model builder's invalid configuration) as the
+ * graph's sticky error, unless one is already set, and as the last error. Returns the graph's
+ * status afterwards (AUTOPAR_ERR_INVALID_ARG when g is NULL). `status` must not be AUTOPAR_OK. */
+AUTOPAR_API autopar_status autopar_graph_fail(autopar_graph *g, autopar_status status,
+                                              const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 /* A per-step input (a batch). batch_dim is the dimension that indexes samples (the passes may
  * split it for data parallelism), or -1 when the input has none. Names must be unique. */
 AUTOPAR_API autopar_tensor *autopar_input(autopar_graph *g, const char *name, autopar_dtype dtype,

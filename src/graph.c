@@ -4,6 +4,7 @@
  */
 #include "internal.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,19 @@ autopar_status autopar_graph_status(const autopar_graph *g) {
 }
 
 const char *autopar_graph_error(const autopar_graph *g) { return g ? g->error : "graph is NULL"; }
+
+autopar_status autopar_graph_fail(autopar_graph *g, autopar_status status, const char *fmt, ...) {
+    char msg[sizeof g->error];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt ? fmt : "(no message)", ap);
+    va_end(ap);
+    if (status == AUTOPAR_OK || (int)status < 0 || status >= AUTOPAR_STATUS_COUNT)
+        status = AUTOPAR_ERR_INVALID_ARG;
+    if (!g) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s", msg);
+    ap_graph_fail(g, status, "%s", msg);
+    return g->status;
+}
 
 /* ---- name index: names are looked up on every named node, so a linear scan would make graph
  * construction quadratic in the node count ---------------------------------------------------- */
