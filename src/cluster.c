@@ -6,7 +6,6 @@
 
 #include <cjson/cJSON.h>
 
-#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
@@ -395,64 +394,12 @@ AUTOPAR_API autopar_status autopar_cluster_from_json(const char *json, autopar_c
     return AUTOPAR_OK;
 }
 
-/* Reads a whole file; a loop rather than fseek/ftell so that pipes and /dev/stdin work too. */
-static ap_status read_file(const char *path, char **out) {
-    enum { MAX_BYTES = 16 << 20 };   /* a cluster file is a few hundred bytes */
-    *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return ap_error(AUTOPAR_ERR_IO, "cannot open cluster file '%s': %s", path,
-                        strerror(errno));
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    if (!buf) {
-        fclose(f);
-        return ap_error(AUTOPAR_ERR_NOMEM, "out of memory reading cluster file '%s'", path);
-    }
-    for (;;) {
-        if (len + 1 >= cap) {
-            if (cap >= MAX_BYTES) {
-                free(buf);
-                fclose(f);
-                return ap_error(AUTOPAR_ERR_IO, "cluster file '%s' is larger than %d bytes", path,
-                                (int)MAX_BYTES);
-            }
-            char *grown = realloc(buf, cap * 2);
-            if (!grown) {
-                free(buf);
-                fclose(f);
-                return ap_error(AUTOPAR_ERR_NOMEM, "out of memory reading cluster file '%s'",
-                                path);
-            }
-            buf = grown;
-            cap *= 2;
-        }
-        size_t got = fread(buf + len, 1, cap - 1 - len, f);
-        len += got;
-        if (got == 0) break;
-    }
-    int failed = ferror(f);
-    fclose(f);
-    if (failed) {
-        free(buf);
-        return ap_error(AUTOPAR_ERR_IO, "error reading cluster file '%s'", path);
-    }
-    buf[len] = '\0';
-    if (strlen(buf) != len) {
-        free(buf);
-        return ap_error(AUTOPAR_ERR_PARSE, "cluster JSON '%s': the file contains a NUL byte",
-                        path);
-    }
-    *out = buf;
-    return AUTOPAR_OK;
-}
-
 AUTOPAR_API autopar_status autopar_cluster_load(const char *path, autopar_cluster **out) {
     if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_cluster_load: out is NULL");
     *out = NULL;
     if (!path) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_cluster_load: path is NULL");
     char *text;
-    ap_status st = read_file(path, &text);
+    ap_status st = ap_read_text_file("cluster JSON", path, 16u << 20, &text, NULL);
     if (st) return st;
     char src[AP_MAX_NAME + 256];
     snprintf(src, sizeof src, "cluster JSON '%s'", path);

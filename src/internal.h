@@ -172,6 +172,12 @@ AP_INTERNAL ap_status ap_graph_fail(autopar_graph *g, ap_status s, const char *f
 /* Formats a shape as "[2, 3, 4]" into buf (returns buf). */
 AP_INTERNAL const char *ap_shape_str(const ap_shape *s, char *buf, size_t len);
 
+/* Reads a whole text file into a malloc'ed NUL-terminated buffer (*out_len bytes, may be NULL).
+ * Errors name `what` and the path: AUTOPAR_ERR_IO (cannot open/read, larger than max_bytes),
+ * AUTOPAR_ERR_PARSE (the file contains a NUL byte), AUTOPAR_ERR_NOMEM. */
+AP_INTERNAL ap_status ap_read_text_file(const char *what, const char *path, size_t max_bytes,
+                                        char **out, size_t *out_len);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Graph helpers                                                                               */
 /* ------------------------------------------------------------------------------------------ */

@@ -904,58 +904,11 @@ autopar_status autopar_graph_load(const char *path, autopar_graph **out) {
     if (out) *out = NULL;
     if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_load: out is NULL");
     if (!path) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_load: path is NULL");
-    errno = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return ap_error(AUTOPAR_ERR_IO, "autopar_graph_load: cannot open '%s': %s", path,
-                        strerror(errno));
-    /* Read in chunks: works for pipes and files whose size is unknown. */
-    size_t cap = 65536, len = 0;
-    char *buf = malloc(cap);
-    if (!buf) {
-        fclose(f);
-        return ap_error(AUTOPAR_ERR_NOMEM, "autopar_graph_load: out of memory reading '%s'", path);
-    }
-    for (;;) {
-        if (cap - len < 2) {
-            if (cap > SIZE_MAX / 2) {
-                free(buf);
-                fclose(f);
-                return ap_error(AUTOPAR_ERR_NOMEM, "autopar_graph_load: '%s' is too large", path);
-            }
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return ap_error(AUTOPAR_ERR_NOMEM, "autopar_graph_load: out of memory reading '%s'",
-                                path);
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        errno = 0;
-        size_t r = fread(buf + len, 1, cap - len - 1, f);
-        len += r;
-        if (r == 0) {
-            if (ferror(f)) {
-                int e = errno;
-                free(buf);
-                fclose(f);
-                return ap_error(AUTOPAR_ERR_IO, "autopar_graph_load: cannot read '%s': %s", path,
-                                e ? strerror(e) : "read error");
-            }
-            break;  /* EOF */
-        }
-    }
-    fclose(f);
-    buf[len] = '\0';
-    ap_status s;
-    if (strlen(buf) != len) {
-        s = ap_error(AUTOPAR_ERR_PARSE, "%s: malformed JSON: NUL byte at offset %zu", path,
-                     strlen(buf));
-    } else {
-        s = graph_from_text(buf, len, path, out);
-    }
+    char *buf;
+    size_t len;
+    ap_status s = ap_read_text_file("autopar_graph_load", path, (size_t)1 << 31, &buf, &len);
+    if (s) return s;
+    s = graph_from_text(buf, len, path, out);
     free(buf);
     return s;
 }
