@@ -17,6 +17,7 @@ if [ "${AUTOPAR_SANITIZE:-0}" = "1" ]; then
   dir=build-asan
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DAUTOPAR_SANITIZE=ON -DAUTOPAR_CUDA=OFF
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp:print_suppressions=0"
 else
   dir=build
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release
