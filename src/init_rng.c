@@ -45,3 +45,17 @@ double ap_init_value(autopar_init init, double scale, int64_t fan_in, uint64_t s
     default: return 0.0;
     }
 }
+
+void ap_param_init_host(const ap_node *n, uint64_t seed, autopar_precision p, int64_t first,
+                        int64_t count, void *dst) {
+    int64_t fan_in = n->shape.ndim > 0 ? n->shape.dim[0] : 1;
+    uint64_t h = ap_hash_name(n->name);
+    autopar_init init = (autopar_init)n->attrs.i[0];
+    for (int64_t k = 0; k < count; k++) {
+        double v = ap_init_value(init, n->attrs.f[0], fan_in, seed, h, first + k);
+        if (p == AUTOPAR_PRECISION_F64)
+            ((double *)dst)[k] = v;
+        else
+            ((float *)dst)[k] = (float)v;
+    }
+}

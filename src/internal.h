@@ -261,5 +261,12 @@ static inline size_t ap_elem_size(ap_dtype t, autopar_precision p) {
 AP_INTERNAL uint64_t ap_hash_name(const char *name);
 AP_INTERNAL double ap_init_value(autopar_init init, double scale, int64_t fan_in, uint64_t seed,
                                  uint64_t name_hash, int64_t index);
+/* Writes the initial values of elements [first, first + count) (flat row-major indices) of
+ * parameter n into host memory dst, as float (F32 precision) or double (F64), from seed. Every
+ * executor initialises through this, so any rank can initialise any contiguous part of a
+ * parameter and match a single-device run bit for bit. n must be an AP_OP_PARAM node and the
+ * range inside it (not checked: internal callers only). */
+AP_INTERNAL void ap_param_init_host(const ap_node *n, uint64_t seed, autopar_precision p,
+                                    int64_t first, int64_t count, void *dst);
 
 #endif /* AUTOPAR_INTERNAL_H */

@@ -22,19 +22,6 @@ static bool is_leaf(ap_op op) {
     return op == AP_OP_INPUT || op == AP_OP_PARAM || op == AP_OP_OPT_STATE;
 }
 
-static void init_param(autopar_executor *ex, const ap_node *n) {
-    int64_t count = ap_shape_numel(&n->shape);
-    int64_t fan_in = n->shape.ndim > 0 ? n->shape.dim[0] : 1;
-    uint64_t h = ap_hash_name(n->name);
-    for (int64_t i = 0; i < count; i++) {
-        double v = ap_init_value((autopar_init)n->attrs.i[0], n->attrs.f[0], fan_in, ex->seed, h, i);
-        if (ex->precision == AUTOPAR_PRECISION_F64)
-            ((double *)ex->buf[n->id])[i] = v;
-        else
-            ((float *)ex->buf[n->id])[i] = (float)v;
-    }
-}
-
 autopar_status autopar_executor_new(const autopar_graph *g, uint64_t seed,
                                     autopar_precision precision, autopar_executor **out) {
     if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_executor_new: out is NULL");
@@ -65,7 +52,8 @@ autopar_status autopar_executor_new(const autopar_graph *g, uint64_t seed,
             return ap_error(AUTOPAR_ERR_NOMEM, "autopar_executor_new: cannot allocate %zu bytes "
                             "for tensor '%s'", bytes, n->name);
         }
-        if (n->op == AP_OP_PARAM) init_param(ex, n);
+        if (n->op == AP_OP_PARAM)
+            ap_param_init_host(n, seed, precision, 0, ap_shape_numel(&n->shape), ex->buf[i]);
     }
     *out = ex;
     return AUTOPAR_OK;
