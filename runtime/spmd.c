@@ -1,0 +1,791 @@
+/*
+ * SPMD sessions (spmd.h): communicators, buffers, parameter initialisation, inputs, the step,
+ * reads, error agreement. The program itself is built by spmd_lower.c.
+ */
+#include "spmd_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct ap_spmd {
+    const autopar_graph *g;
+    ap_mesh              mesh;          /* copy; devices owned                                */
+    ap_backend          *b;
+    ap_comm             *world;         /* borrowed                                           */
+    ap_comm             *comm[AP_AXIS_COUNT];   /* axis-0 line, axis-1 line, whole mesh       */
+    int                  coord[2];
+    autopar_precision    precision;
+    uint64_t             seed;
+    bool                 device_reads;
+    ap_spec             *spec;          /* per node: layout of its value after it ran         */
+    int                 *node_val;      /* per node: its value in the step program            */
+    sp_prog              prog;
+    ap_buffer           *pbuf;          /* per value: buffer of a persistent value            */
+    ap_buffer           *const *pers;   /* per value: &pbuf[v] (the executor's view)          */
+    ap_buffer            arena;
+    int                  loss_val;
+    int                  n_commit;
+    int                 *commit;        /* pairs (update value, leaf value)                   */
+    int64_t              steps;
+    size_t               cur_bytes, peak_bytes, persistent_bytes;
+    double               plan_peak;
+};
+
+void ap_spmd_options_default(ap_spmd_options *o) {
+    if (!o) return;
+    memset(o, 0, sizeof *o);
+    o->precision = AUTOPAR_PRECISION_F32;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tracked allocations: every backend buffer of a session goes through these two functions,   */
+/* which is what the measured peak counts.                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+static ap_status sp_alloc(ap_spmd *s, size_t bytes, const char *what, ap_buffer *out) {
+    ap_status st = ap_backend_buffer_alloc(s->b, bytes, what, out);
+    if (st) return st;
+    s->cur_bytes += out->bytes;
+    if (s->cur_bytes > s->peak_bytes) s->peak_bytes = s->cur_bytes;
+    return AUTOPAR_OK;
+}
+
+static void sp_release(ap_spmd *s, ap_buffer *buf) {
+    if (!buf->data) return;
+    s->cur_bytes -= buf->bytes;
+    ap_backend_buffer_free(s->b, buf);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Executing a program                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Buffer and byte offset of value v. */
+static const ap_buffer *val_buf(const sp_prog *p, const ap_buffer *arena, ap_buffer *const *pers,
+                                int v, size_t *off) {
+    if (p->val[v].persistent) {
+        *off = 0;
+        return pers[v];
+    }
+    *off = p->val[v].offset;
+    return arena;
+}
+
+static void *val_ptr(const sp_prog *p, const ap_buffer *arena, ap_buffer *const *pers, int v) {
+    size_t off;
+    const ap_buffer *b = val_buf(p, arena, pers, v, &off);
+    return b->data ? (char *)b->data + off : NULL;
+}
+
+static const char *what_of(const ap_spmd *s, const sp_ins *in, char *buf, size_t len) {
+    const ap_node *v = s->g->nodes[in->node];
+    if (in->operand >= 0 && in->operand < v->n_src)
+        snprintf(buf, len, "resharding operand %d ('%s') of %s '%s'", in->operand,
+                 ap_src(s->g, v, in->operand)->name, ap_op_name(v->op), v->name);
+    else if (in->operand == -2)
+        snprintf(buf, len, "reading the loss '%s'", v->name);
+    else if (in->operand == -3)
+        snprintf(buf, len, "gathering '%s'", v->name);
+    else
+        snprintf(buf, len, "%s '%s'", ap_op_name(v->op), v->name);
+    return buf;
+}
+
+/* Runs every instruction. After a local failure the rank skips its remaining kernels but still
+ * takes part in every collective (with whatever data), so that the other ranks finish and the
+ * caller's agreement reports the failure everywhere. Returns the first failure. */
+static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
+                          ap_buffer *const *pers, int64_t step_no) {
+    ap_status first = AUTOPAR_OK;
+    char first_msg[1024] = "";
+    for (int i = 0; i < p->n_ins; i++) {
+        const sp_ins *in = &p->ins[i];
+        if (first && in->kind != SP_COLL) continue;
+        ap_status st = AUTOPAR_OK;
+        switch (in->kind) {
+        case SP_KERNEL: {
+            ap_kernel_call call = in->call;
+            call.out = val_ptr(p, arena, pers, in->out);
+            for (int k = 0; k < call.n_src; k++) call.src[k] = val_ptr(p, arena, pers, in->src[k]);
+            call.step = in->uses_step ? step_no : 1;
+            st = ap_backend_run(s->b, &call);
+            break;
+        }
+        case SP_ZERO: {
+            size_t off;
+            const ap_buffer *b = val_buf(p, arena, pers, in->out, &off);
+            st = ap_backend_fill_zero(s->b, b, off, p->val[in->out].bytes,
+                                      s->g->nodes[in->node]->name);
+            break;
+        }
+        case SP_COLL: {
+            ap_comm *cm = s->comm[in->axis];
+            void *sp = val_ptr(p, arena, pers, in->send), *rp = val_ptr(p, arena, pers, in->recv);
+            ap_comm_dtype t = (ap_comm_dtype)in->comm_dtype;
+            switch (in->coll) {
+            case AP_COLL_ALL_REDUCE:
+                st = ap_comm_all_reduce(cm, sp, rp, in->count, t, AP_COMM_SUM);
+                break;
+            case AP_COLL_ALL_GATHER: st = ap_comm_all_gather(cm, sp, rp, in->count, t); break;
+            case AP_COLL_REDUCE_SCATTER:
+                st = ap_comm_reduce_scatter(cm, sp, rp, in->count, t, AP_COMM_SUM);
+                break;
+            case AP_COLL_ALL_TO_ALL: st = ap_comm_all_to_all(cm, sp, rp, in->count, t); break;
+            default:
+                st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "spmd: collective kind %d", (int)in->coll);
+                break;
+            }
+            break;
+        }
+        }
+        if (st && !first) {
+            char w[256];
+            first = st;
+            snprintf(first_msg, sizeof first_msg, "step %lld, %s (instruction %d): %s",
+                     (long long)step_no, what_of(s, in, w, sizeof w), i, autopar_last_error());
+        }
+    }
+    ap_status sy = ap_backend_synchronize(s->b);
+    if (!first && sy) {
+        first = sy;
+        snprintf(first_msg, sizeof first_msg, "step %lld: %s", (long long)step_no,
+                 autopar_last_error());
+    }
+    if (first) (void)ap_error(first, "%s", first_msg);
+    return first;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tiles on the host                                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Calls fn(first, count, local_pos) for every contiguous run (along the last dim) of the tile
+ * that the device at mesh coordinate (i0, i1) holds of a tensor of shape `full` under spec:
+ * `first` is the flat global index, `local_pos` the flat index in the local shard. */
+typedef void (*run_fn)(void *ctx, int64_t first, int64_t count, int64_t local_pos);
+
+static ap_status for_each_run_at(const ap_spmd *s, int i0, int i1, const ap_spec *spec,
+                                 const ap_shape *full, run_fn fn, void *ctx) {
+    int nd = full->ndim;
+    if (nd == 0) {
+        fn(ctx, 0, 1, 0);
+        return AUTOPAR_OK;
+    }
+    int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS], stride[AP_MAX_DIMS], idx[AP_MAX_DIMS] = {0};
+    ap_status st = ap_spec_tile(&s->mesh, spec, full, i0, i1, off, ext);
+    if (st) return st;
+    int64_t acc = 1;
+    for (int d = nd - 1; d >= 0; d--) {
+        stride[d] = acc;
+        acc *= full->dim[d];
+    }
+    for (int d = 0; d < nd; d++)
+        if (ext[d] == 0) return AUTOPAR_OK;
+    int64_t pos = 0;
+    for (;;) {
+        int64_t first = off[nd - 1];
+        for (int d = 0; d < nd - 1; d++) first += (off[d] + idx[d]) * stride[d];
+        fn(ctx, first, ext[nd - 1], pos);
+        pos += ext[nd - 1];
+        int d = nd - 2;
+        for (; d >= 0; d--) {
+            if (++idx[d] < ext[d]) break;
+            idx[d] = 0;
+        }
+        if (d < 0) break;
+    }
+    return AUTOPAR_OK;
+}
+
+/* The same for this rank's own tile. */
+static ap_status for_each_run(const ap_spmd *s, const ap_spec *spec, const ap_shape *full,
+                              run_fn fn, void *ctx) {
+    return for_each_run_at(s, s->coord[0], s->coord[1], spec, full, fn, ctx);
+}
+
+typedef struct init_ctx {
+    const ap_node    *n;
+    uint64_t          seed;
+    autopar_precision p;
+    char             *dst;
+    size_t            esz;
+} init_ctx;
+
+static void init_run(void *vc, int64_t first, int64_t count, int64_t pos) {
+    init_ctx *c = vc;
+    ap_param_init_host(c->n, c->seed, c->p, first, count, c->dst + (size_t)pos * c->esz);
+}
+
+typedef struct copy_ctx {
+    const char *src;
+    char       *dst;
+    size_t      esz;
+} copy_ctx;
+
+static void copy_run(void *vc, int64_t first, int64_t count, int64_t pos) {
+    copy_ctx *c = vc;
+    memcpy(c->dst + (size_t)pos * c->esz, c->src + (size_t)first * c->esz, (size_t)count * c->esz);
+}
+
+/* The reverse: a shard's runs placed into the whole tensor, converted to float for F64 data. */
+typedef struct place_ctx {
+    const char *shard;
+    char       *whole;
+    bool        f64_to_f32;
+} place_ctx;
+
+static void place_run(void *vc, int64_t first, int64_t count, int64_t pos) {
+    place_ctx *c = vc;
+    if (!c->f64_to_f32) {
+        memcpy(c->whole + (size_t)first * 4, c->shard + (size_t)pos * 4, (size_t)count * 4);
+        return;
+    }
+    const double *src = (const double *)c->shard + pos;
+    float *dst = (float *)c->whole + first;
+    for (int64_t i = 0; i < count; i++) dst[i] = (float)src[i];
+}
+
+/* Whether this rank holds zeros of a tensor whose spec pends a sum over an axis where it is not
+ * at coordinate 0 (only the coordinate-0 device holds the value). */
+static bool zero_by_partial(const ap_spmd *s, const ap_spec *spec) {
+    return ((spec->partial & AP_PARTIAL_0) && s->mesh.shape[0] > 1 && s->coord[0] != 0) ||
+           ((spec->partial & AP_PARTIAL_1) && s->mesh.shape[1] > 1 && s->coord[1] != 0);
+}
+
+/* Uploads host data of a leaf's local shard (float/int32 layout as given; converted to double
+ * for F32 tensors in F64 precision). */
+static ap_status upload_local(ap_spmd *s, int id, const void *host, int64_t n) {
+    const ap_node *node = s->g->nodes[id];
+    const ap_buffer *dst = &s->pbuf[s->node_val[id]];
+    if (n == 0) return AUTOPAR_OK;
+    if (node->dtype == AUTOPAR_I32 || s->precision == AUTOPAR_PRECISION_F32)
+        return ap_backend_upload(s->b, dst, 0, host, (size_t)n * 4, node->name);
+    double *tmp = malloc((size_t)n * sizeof *tmp);
+    if (!tmp) return ap_error(AUTOPAR_ERR_NOMEM, "spmd: out of host memory for '%s'", node->name);
+    for (int64_t i = 0; i < n; i++) tmp[i] = ((const float *)host)[i];
+    ap_status st = ap_backend_upload(s->b, dst, 0, tmp, (size_t)n * sizeof *tmp, node->name);
+    free(tmp);
+    return st;
+}
+
+static ap_status init_params(ap_spmd *s) {
+    const autopar_graph *g = s->g;
+    ap_status st = AUTOPAR_OK;
+    for (int id = 0; id < g->n_nodes && !st; id++) {
+        const ap_node *n = g->nodes[id];
+        if (n->op != AP_OP_PARAM) continue;
+        int v = s->node_val[id];
+        size_t bytes = s->prog.val[v].bytes;
+        if (bytes == 0 || zero_by_partial(s, &s->spec[id])) continue;   /* zeroed already */
+        size_t esz = ap_elem_size(n->dtype, s->precision);
+        char *host = malloc(bytes);
+        if (!host)
+            return ap_error(AUTOPAR_ERR_NOMEM, "spmd: out of host memory initialising '%s'",
+                            n->name);
+        init_ctx ic = {n, s->seed, s->precision, host, esz};
+        st = for_each_run(s, &s->spec[id], &n->shape, init_run, &ic);
+        if (!st) st = ap_backend_upload(s->b, &s->pbuf[v], 0, host, bytes, n->name);
+        free(host);
+    }
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Creation                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+static bool is_leaf(ap_op op) {
+    return op == AP_OP_INPUT || op == AP_OP_PARAM || op == AP_OP_OPT_STATE;
+}
+
+/* Local checks of ap_spmd_new's arguments (the same outcome on every rank for the same call). */
+static ap_status check_args(const autopar_graph *g, const ap_shard_plan *plan,
+                            const ap_mesh *mesh, ap_backend *b, ap_comm *world,
+                            const ap_spmd_options *o, int *coord) {
+    const char *fn = "ap_spmd_new";
+    if (!g || !plan || !mesh || !b)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: NULL graph, plan, mesh or backend", fn);
+    if (o->precision != AUTOPAR_PRECISION_F32 && o->precision != AUTOPAR_PRECISION_F64)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: precision %d is not valid", fn,
+                        (int)o->precision);
+    if (g->status != AUTOPAR_OK)
+        return ap_error(AUTOPAR_ERR_GRAPH, "%s: the graph has an error: %s", fn, g->error);
+    int size = ap_comm_size(world), rank = ap_comm_rank(world);
+    if (size != mesh->n_devices)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG,
+                        "%s: the mesh %d x %d has %d devices but the world communicator has %d "
+                        "ranks (start the job with %d ranks)", fn, mesh->shape[0],
+                        mesh->shape[1], mesh->n_devices, size, mesh->n_devices);
+    int found = -1;
+    for (int k = 0; k < mesh->n_devices; k++) {
+        int dev = mesh->devices ? mesh->devices[k] : k;
+        if (dev < 0 || dev >= size)
+            return ap_error(AUTOPAR_ERR_INVALID_ARG,
+                            "%s: mesh device %d is not a rank of the world communicator (0..%d)",
+                            fn, dev, size - 1);
+        if (dev == rank) found = k;
+    }
+    if (found < 0)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: world rank %d is not a device of the mesh",
+                        fn, rank);
+    coord[0] = found / mesh->shape[1];
+    coord[1] = found % mesh->shape[1];
+    if (plan->mesh_shape[0] != mesh->shape[0] || plan->mesh_shape[1] != mesh->shape[1])
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: the plan is for a %d x %d mesh, the mesh is "
+                        "%d x %d", fn, plan->mesh_shape[0], plan->mesh_shape[1], mesh->shape[0],
+                        mesh->shape[1]);
+    if (plan->n_nodes != g->n_nodes)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: the plan has %d nodes, the graph %d (a plan "
+                        "of another graph?)", fn, plan->n_nodes, g->n_nodes);
+    for (int id = 0; id < g->n_nodes; id++) {
+        const ap_node *n = g->nodes[id];
+        const ap_shard_node *pn = &plan->node[id];
+        if (!pn->in_stage)
+            return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: node '%s' is not in the plan's stage "
+                            "(the SPMD runtime runs a plan covering the whole graph)", fn,
+                            n->name);
+        if (pn->spec.ndim != n->shape.ndim)
+            return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: the plan's spec of '%s' has rank %d, "
+                            "the tensor rank %d", fn, n->name, pn->spec.ndim, n->shape.ndim);
+        if (!is_leaf(n->op) && !ap_backend_supports_op(b, n->op, o->precision))
+            return ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: op %s (tensor '%s') is not supported by "
+                            "the %s backend", fn, ap_op_name(n->op), n->name,
+                            ap_backend_name(b));
+    }
+    bool dev_mem = ap_backend_get_kind(b) == AP_BACKEND_CUDA;
+    if (ap_comm_device_buffers(world) != dev_mem)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: the %s communicator takes %s buffers but the "
+                        "%s backend has %s memory", fn, ap_comm_backend_name(world),
+                        ap_comm_device_buffers(world) ? "device" : "host", ap_backend_name(b),
+                        dev_mem ? "device" : "host");
+    return AUTOPAR_OK;
+}
+
+/* Persistent values for the leaves, the step program, the memory plan. */
+static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
+    const autopar_graph *g = s->g;
+    for (int id = 0; id < g->n_nodes; id++) {
+        s->spec[id] = plan->node[id].spec;
+        s->node_val[id] = -1;
+        const ap_node *n = g->nodes[id];
+        if (!is_leaf(n->op)) continue;
+        ap_shape ls;
+        ap_status st = ap_spec_local_shape(&s->mesh, &s->spec[id], &n->shape, &ls);
+        if (st) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", autopar_last_error());
+            return ap_error(st, "spmd lowering: tensor '%s': %s", n->name, msg);
+        }
+        size_t bytes = (size_t)ap_shape_numel(&ls) * ap_elem_size(n->dtype, s->precision);
+        int v = sp_value_new(&s->prog, bytes, id, true);
+        if (v < 0) return AUTOPAR_ERR_NOMEM;
+        s->node_val[id] = v;
+    }
+    sp_lower_ctx c = {g, plan, &s->mesh, s->precision, {s->coord[0], s->coord[1]}, &s->prog,
+                      s->node_val, s->spec};
+    ap_status st = sp_lower_step(&c, &s->loss_val);
+    if (st) return st;
+    if ((st = sp_plan_memory(&s->prog))) return st;
+    /* Updates replace their leaves at the end of a successful step. */
+    for (int id = 0; id < g->n_nodes; id++)
+        if (g->nodes[id]->assign_to >= 0) s->n_commit++;
+    s->commit = malloc(2 * sizeof(int) * (size_t)(s->n_commit > 0 ? s->n_commit : 1));
+    if (!s->commit) return ap_error(AUTOPAR_ERR_NOMEM, "spmd: out of memory");
+    int k = 0;
+    for (int id = 0; id < g->n_nodes; id++) {
+        const ap_node *n = g->nodes[id];
+        if (n->assign_to < 0) continue;
+        if (!is_leaf(g->nodes[n->assign_to]->op))
+            return ap_error(AUTOPAR_ERR_GRAPH, "spmd: update '%s' replaces '%s', which is not a "
+                            "parameter or optimizer state", n->name,
+                            g->nodes[n->assign_to]->name);
+        s->commit[2 * k] = s->node_val[id];
+        s->commit[2 * k + 1] = s->node_val[n->assign_to];
+        k++;
+    }
+    return AUTOPAR_OK;
+}
+
+static ap_status alloc_buffers(ap_spmd *s) {
+    sp_prog *p = &s->prog;
+    s->pbuf = calloc((size_t)p->n_val + 1, sizeof *s->pbuf);
+    ap_buffer **pers = calloc((size_t)p->n_val + 1, sizeof *pers);
+    if (!s->pbuf || !pers) {
+        free(pers);
+        return ap_error(AUTOPAR_ERR_NOMEM, "spmd: out of memory");
+    }
+    s->pers = pers;
+    ap_status st = AUTOPAR_OK;
+    for (int v = 0; v < p->n_val && !st; v++) {
+        pers[v] = &s->pbuf[v];
+        if (!p->val[v].persistent) continue;
+        const char *name = s->g->nodes[p->val[v].node]->name;
+        /* at least one word, so that every tensor has an address */
+        size_t bytes = p->val[v].bytes ? p->val[v].bytes : 4;
+        st = sp_alloc(s, bytes, name, &s->pbuf[v]);
+        if (!st) st = ap_backend_fill_zero(s->b, &s->pbuf[v], 0, bytes, name);
+        if (!st) s->persistent_bytes += s->pbuf[v].bytes;
+    }
+    if (!st && p->arena_bytes) st = sp_alloc(s, p->arena_bytes, "spmd arena", &s->arena);
+    return st;
+}
+
+ap_status ap_spmd_new(const autopar_graph *g, const ap_shard_plan *plan, const ap_mesh *mesh,
+                      ap_backend *b, ap_comm *world, const ap_spmd_options *opt, ap_spmd **out) {
+    if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_new: out is NULL");
+    *out = NULL;
+    if (!world) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_new: world is NULL");
+    ap_spmd_options o;
+    ap_spmd_options_default(&o);
+    if (opt) o = *opt;
+    int coord[2] = {0, 0};
+    ap_status st = check_args(g, plan, mesh, b, world, &o, coord);
+    if ((st = ap_comm_all_ok(world, st))) return st;
+
+    ap_spmd *s = calloc(1, sizeof *s);
+    if (s) {
+        s->g = g;
+        s->b = b;
+        s->world = world;
+        s->coord[0] = coord[0];
+        s->coord[1] = coord[1];
+        s->precision = o.precision;
+        s->seed = o.seed;
+        s->device_reads = o.device_reads;
+        s->loss_val = -1;
+        s->plan_peak = plan->peak_memory;
+        s->mesh = *mesh;
+        s->mesh.devices = malloc(sizeof(int) * (size_t)mesh->n_devices);
+        s->spec = calloc((size_t)g->n_nodes + 1, sizeof *s->spec);
+        s->node_val = calloc((size_t)g->n_nodes + 1, sizeof *s->node_val);
+        if (s->mesh.devices)
+            for (int k = 0; k < mesh->n_devices; k++)
+                s->mesh.devices[k] = mesh->devices ? mesh->devices[k] : k;
+    }
+    if (!s || !s->mesh.devices || !s->spec || !s->node_val)
+        st = ap_error(AUTOPAR_ERR_NOMEM, "ap_spmd_new: out of memory");
+    if ((st = ap_comm_all_ok(world, st))) {
+        ap_spmd_free(s);
+        return st;
+    }
+
+    /* Communicators: collective over the world, every rank takes part in every split. */
+    int flat = coord[0] * mesh->shape[1] + coord[1];
+    st = ap_comm_split(world, coord[1], coord[0], &s->comm[AP_AXIS_0]);
+    if (!st) st = ap_comm_split(world, coord[0], coord[1], &s->comm[AP_AXIS_1]);
+    if (!st) st = ap_comm_split(world, 0, flat, &s->comm[AP_AXIS_FLAT]);
+    if (!st && o.deterministic)
+        for (int a = 0; a < AP_AXIS_COUNT; a++) ap_comm_set_deterministic(s->comm[a], true);
+    if ((st = ap_comm_all_ok(world, st))) {
+        ap_spmd_free(s);
+        return st;
+    }
+
+    st = lower(s, plan);
+    if (!st) st = alloc_buffers(s);
+    if (!st) st = init_params(s);
+    if (!st) st = ap_backend_synchronize(b);
+    if ((st = ap_comm_all_ok(world, st))) {
+        ap_spmd_free(s);
+        return st;
+    }
+    *out = s;
+    return AUTOPAR_OK;
+}
+
+void ap_spmd_free(ap_spmd *s) {
+    if (!s) return;
+    if (s->b) (void)ap_backend_synchronize(s->b);
+    if (s->pbuf)
+        for (int v = 0; v < s->prog.n_val; v++) sp_release(s, &s->pbuf[v]);
+    sp_release(s, &s->arena);
+    for (int a = 0; a < AP_AXIS_COUNT; a++) ap_comm_free(s->comm[a]);
+    free(s->pbuf);
+    free((void *)s->pers);
+    free(s->commit);
+    sp_prog_free(&s->prog);
+    free(s->spec);
+    free(s->node_val);
+    free(s->mesh.devices);
+    free(s);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Inputs, steps, reads                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+static ap_status check_tensor(const ap_spmd *s, const autopar_tensor *t, int64_t n,
+                              const char *fn, const ap_node **out) {
+    if (!t) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is NULL", fn);
+    const ap_node *node = (const ap_node *)t;
+    if (node->id < 0 || node->id >= s->g->n_nodes || s->g->nodes[node->id] != node)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the session's graph",
+                        fn);
+    if (n != ap_shape_numel(&node->shape)) {
+        char sh[96];
+        return ap_error(AUTOPAR_ERR_SHAPE, "%s: tensor '%s' %s has %lld elements, got %lld", fn,
+                        node->name, ap_shape_str(&node->shape, sh, sizeof sh),
+                        (long long)ap_shape_numel(&node->shape), (long long)n);
+    }
+    *out = node;
+    return AUTOPAR_OK;
+}
+
+ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *data, int64_t n) {
+    const char *fn = "ap_spmd_set_input";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    const ap_node *node = NULL;
+    ap_status st = check_tensor(s, t, n, fn, &node);
+    if (!st && node->op != AP_OP_INPUT)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' is a %s, not an input", fn,
+                      node->name, ap_op_name(node->op));
+    if (!st && !data && n > 0)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: data for '%s' is NULL", fn, node->name);
+    if (!st) {
+        int v = s->node_val[node->id];
+        size_t local_n = s->prog.val[v].bytes / ap_elem_size(node->dtype, s->precision);
+        void *host = malloc(local_n ? local_n * 4 : 4);
+        if (!host) {
+            st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of host memory for '%s'", fn, node->name);
+        } else {
+            if (zero_by_partial(s, &s->spec[node->id])) {
+                memset(host, 0, local_n * 4);
+            } else {
+                copy_ctx cc = {data, host, 4};
+                st = for_each_run(s, &s->spec[node->id], &node->shape, copy_run, &cc);
+            }
+            if (!st) st = upload_local(s, node->id, host, (int64_t)local_n);
+            free(host);
+        }
+    }
+    return ap_comm_all_ok(s->world, st);
+}
+
+ap_status ap_spmd_step(ap_spmd *s, double *loss) {
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_step: session is NULL");
+    ap_status st = AUTOPAR_OK;
+    if (s->g->loss < 0 || !s->g->has_optimizer)
+        st = ap_error(AUTOPAR_ERR_GRAPH, "ap_spmd_step: the graph has no backward pass or no "
+                      "optimizer (call autopar_build_training)");
+    if (!st) st = run_prog(s, &s->prog, &s->arena, s->pers, s->steps + 1);
+    double lv = 0.0;
+    if (!st && s->loss_val >= 0) {
+        size_t off;
+        const ap_buffer *b = val_buf(&s->prog, &s->arena, s->pers, s->loss_val, &off);
+        const char *name = s->g->nodes[s->g->loss]->name;
+        if (s->precision == AUTOPAR_PRECISION_F64) {
+            st = ap_backend_download(s->b, &lv, b, off, sizeof lv, name);
+        } else {
+            float f = 0.0f;
+            st = ap_backend_download(s->b, &f, b, off, sizeof f, name);
+            lv = f;
+        }
+    }
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    /* Every rank succeeded: the updates replace their parameters and states. */
+    for (int k = 0; k < s->n_commit && !st; k++) {
+        int src = s->commit[2 * k], dst = s->commit[2 * k + 1];
+        size_t off;
+        const ap_buffer *b = val_buf(&s->prog, &s->arena, s->pers, src, &off);
+        size_t bytes = s->prog.val[dst].bytes;
+        if (bytes)
+            st = ap_backend_copy(s->b, &s->pbuf[dst], 0, b, off, bytes,
+                                 s->g->nodes[s->prog.val[dst].node]->name);
+    }
+    if (!st) st = ap_backend_synchronize(s->b);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    s->steps++;
+    if (loss) *loss = lv;
+    return AUTOPAR_OK;
+}
+
+int64_t ap_spmd_steps(const ap_spmd *s) { return s ? s->steps : 0; }
+
+/* Reading through host memory (communicators on host buffers): every rank's shard is gathered
+ * over the whole mesh into a host block and placed by its tile. No backend memory is used, so
+ * reads never change the session's memory peak. */
+static ap_status read_host(ap_spmd *s, const ap_node *node, void *data) {
+    int v = s->node_val[node->id];
+    size_t bytes = s->prog.val[v].bytes, esz = ap_elem_size(node->dtype, s->precision);
+    int nd = s->mesh.n_devices;
+    char *mine = malloc(bytes ? bytes : 1), *all = malloc(bytes ? bytes * (size_t)nd : 1);
+    ap_status st = AUTOPAR_OK;
+    if (!mine || !all)
+        st = ap_error(AUTOPAR_ERR_NOMEM, "ap_spmd_read: out of host memory for '%s'", node->name);
+    if (!st && bytes) st = ap_backend_download(s->b, mine, &s->pbuf[v], 0, bytes, node->name);
+    /* every rank reaches the gather, or every rank returns */
+    if (!(st = ap_comm_all_ok(s->world, st)) && bytes) {
+        ap_comm_dtype t = (ap_comm_dtype)sp_comm_dtype(node->dtype, s->precision);
+        st = ap_comm_all_gather(s->comm[AP_AXIS_FLAT], mine, all, bytes / esz, t);
+        for (int r = 0; !st && r < nd; r++) {
+            place_ctx pc = {all + (size_t)r * bytes, data, esz == 8};
+            st = for_each_run_at(s, r / s->mesh.shape[1], r % s->mesh.shape[1],
+                                 &s->spec[node->id], &node->shape, place_run, &pc);
+        }
+        st = ap_comm_all_ok(s->world, st);
+    }
+    free(mine);
+    free(all);
+    return st;
+}
+
+ap_status ap_spmd_read(ap_spmd *s, const autopar_tensor *t, void *data, int64_t n) {
+    const char *fn = "ap_spmd_read";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    const ap_node *node = NULL;
+    ap_status st = check_tensor(s, t, n, fn, &node);
+    if (!st && !is_leaf(node->op))
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' (%s) is not kept between steps; "
+                      "parameters, optimizer states and inputs can be read", fn, node->name,
+                      ap_op_name(node->op));
+    if (!st && !data && n > 0)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: data for '%s' is NULL", fn, node->name);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+
+    if (!s->device_reads && !ap_comm_device_buffers(s->world) &&
+        (s->spec[node->id].partial & 3u) == 0)
+        return read_host(s, node, data);
+    /* A small program: the shard gathered into a replicated value, in the idle step arena when
+     * it fits (nothing of the step is live between steps), else in a temporary arena. */
+    sp_prog rp;
+    memset(&rp, 0, sizeof rp);
+    ap_buffer tmp_arena = {NULL, 0};
+    ap_buffer **pers = NULL;
+    int res = -1;
+    int src = sp_value_new(&rp, s->prog.val[s->node_val[node->id]].bytes, node->id, true);
+    if (src < 0) st = AUTOPAR_ERR_NOMEM;
+    if (!st) {
+        sp_lower_ctx c = {s->g, NULL, &s->mesh, s->precision, {s->coord[0], s->coord[1]}, &rp,
+                          s->node_val, s->spec};
+        ap_spec rep = ap_spec_replicated(node->shape.ndim);
+        st = sp_emit_reshard(&c, src, false, &s->spec[node->id], &rep, &node->shape, node->dtype,
+                             NULL, 0, node->id, -3, &res);
+    }
+    if (!st && res >= 0 && !rp.val[res].persistent) rp.val[res].to_end = true;
+    if (!st) st = sp_plan_memory(&rp);
+    const ap_buffer *arena = &s->arena;
+    if (!st && rp.arena_bytes > s->arena.bytes) {
+        st = sp_alloc(s, rp.arena_bytes, "spmd read arena", &tmp_arena);
+        arena = &tmp_arena;
+    }
+    if (!st) {
+        pers = calloc((size_t)rp.n_val + 1, sizeof *pers);
+        if (!pers) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+        else pers[src] = &s->pbuf[s->node_val[node->id]];
+    }
+    /* Every rank reaches the program with the same instructions (or the same error). */
+    if (!(st = ap_comm_all_ok(s->world, st))) {
+        st = run_prog(s, &rp, arena, pers, s->steps);
+        if (!st && n > 0) {
+            size_t off;
+            const ap_buffer *b = val_buf(&rp, arena, pers, res, &off);
+            if (node->dtype == AUTOPAR_I32 || s->precision == AUTOPAR_PRECISION_F32) {
+                st = ap_backend_download(s->b, data, b, off, (size_t)n * 4, node->name);
+            } else {
+                double *tmp = malloc((size_t)n * sizeof *tmp);
+                if (!tmp) {
+                    st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of host memory", fn);
+                } else {
+                    st = ap_backend_download(s->b, tmp, b, off, (size_t)n * sizeof *tmp,
+                                             node->name);
+                    if (!st)
+                        for (int64_t i = 0; i < n; i++) ((float *)data)[i] = (float)tmp[i];
+                    free(tmp);
+                }
+            }
+        }
+        st = ap_comm_all_ok(s->world, st);
+    }
+    sp_release(s, &tmp_arena);
+    free(pers);
+    sp_prog_free(&rp);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Statistics and printing                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+void ap_spmd_get_stats(const ap_spmd *s, ap_spmd_stats *st) {
+    if (!st) return;
+    memset(st, 0, sizeof *st);
+    if (!s) return;
+    size_t pers = 0;
+    for (int v = 0; v < s->prog.n_val; v++)
+        if (s->prog.val[v].persistent) pers += s->pbuf[v].bytes;
+    st->persistent_bytes = pers;
+    st->transient_peak = s->prog.transient_peak;
+    st->predicted_peak = pers + s->prog.transient_peak;
+    st->arena_bytes = s->prog.arena_bytes;
+    st->measured_peak = s->peak_bytes;
+    st->plan_peak = s->plan_peak;
+    st->n_instructions = s->prog.n_ins;
+    st->n_deviations = s->prog.n_note;
+    st->n_route_plan = s->prog.n_route_plan;
+    st->n_route_fresh = s->prog.n_route_fresh;
+    for (int i = 0; i < s->prog.n_ins; i++) {
+        const sp_ins *in = &s->prog.ins[i];
+        if (in->kind == SP_KERNEL) st->n_kernels++;
+        if (in->kind != SP_COLL) continue;
+        st->n_collectives++;
+        st->n_coll_kind[in->coll]++;
+        double bytes = (double)in->count * (in->comm_dtype == AP_COMM_F64 ? 8.0 : 4.0);
+        int n = ap_comm_size(s->comm[in->axis]);
+        switch (in->coll) {
+        case AP_COLL_ALL_REDUCE: st->coll_bytes += 2.0 * bytes; break;
+        case AP_COLL_ALL_GATHER: st->coll_bytes += bytes * (double)n; break;
+        case AP_COLL_REDUCE_SCATTER: st->coll_bytes += bytes * (double)n; break;
+        case AP_COLL_ALL_TO_ALL: st->coll_bytes += 2.0 * bytes * (double)n; break;
+        default: break;
+        }
+    }
+}
+
+void ap_spmd_print(const ap_spmd *s, FILE *f) {
+    if (!s || !f) return;
+    ap_spmd_stats st;
+    ap_spmd_get_stats(s, &st);
+    fprintf(f, "spmd rank %d at (%d, %d) of mesh %d x %d: %d instructions (%d kernels, %d "
+            "collectives: %d all-reduce, %d all-gather, %d reduce-scatter, %d all-to-all)\n",
+            ap_comm_rank(s->world), s->coord[0], s->coord[1], s->mesh.shape[0], s->mesh.shape[1],
+            st.n_instructions, st.n_kernels, st.n_collectives,
+            st.n_coll_kind[AP_COLL_ALL_REDUCE], st.n_coll_kind[AP_COLL_ALL_GATHER],
+            st.n_coll_kind[AP_COLL_REDUCE_SCATTER], st.n_coll_kind[AP_COLL_ALL_TO_ALL]);
+    fprintf(f, "  memory: predicted peak %zu bytes (persistent %zu + transient %zu), measured "
+            "%zu (arena %zu), plan estimate %.0f\n", st.predicted_peak, st.persistent_bytes,
+            st.transient_peak, st.measured_peak, st.arena_bytes, st.plan_peak);
+    fprintf(f, "  reshardings: %d along the plan's collectives, %d routed here; deviations from "
+            "the plan: %d\n", st.n_route_plan, st.n_route_fresh, st.n_deviations);
+    for (int i = 0; i < s->prog.n_note; i++) fprintf(f, "    %s\n", s->prog.note[i].text);
+}
+
+void ap_spmd_dump(const ap_spmd *s, FILE *f) {
+    if (!s || !f) return;
+    static const char *axis_name[AP_AXIS_COUNT] = {"axis 0", "axis 1", "flat"};
+    for (int i = 0; i < s->prog.n_ins; i++) {
+        const sp_ins *in = &s->prog.ins[i];
+        char w[256];
+        what_of(s, in, w, sizeof w);
+        switch (in->kind) {
+        case SP_KERNEL: {
+            char ob[96];
+            fprintf(f, "%5d kernel %-14s out v%d %s <-", i, ap_op_name(in->call.op), in->out,
+                    ap_shape_str(&in->call.out_shape, ob, sizeof ob));
+            for (int k = 0; k < in->call.n_src; k++)
+                fprintf(f, " v%d %s", in->src[k],
+                        ap_shape_str(&in->call.src_shape[k], ob, sizeof ob));
+            fprintf(f, "   [%s]\n", w);
+            break;
+        }
+        case SP_ZERO:
+            fprintf(f, "%5d zero v%d   [%s]\n", i, in->out, w);
+            break;
+        case SP_COLL:
+            fprintf(f, "%5d %s on %s: v%d -> v%d, %zu elements   [%s]\n", i,
+                    ap_coll_kind_name(in->coll), axis_name[in->axis], in->send, in->recv,
+                    in->count, w);
+            break;
+        }
+    }
+}

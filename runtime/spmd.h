@@ -1,0 +1,188 @@
+/*
+ * SPMD execution of one sharded stage over MPI ranks (DESIGN.md §7; reference/alpa-notes.md
+ * §1.2 and §3).
+ *
+ * Input: a training graph (forward, backward and optimizer nodes), an ap_shard_plan covering
+ * every node of it (one stage: passes/sharding.h), a logical mesh whose devices are the ranks of
+ * a communicator, and a backend. Every rank builds its own program once ("lowering"):
+ *
+ *  - local shapes: every tensor's shard shape from its spec (ap_spec_local_shape); parameters,
+ *    optimizer states and inputs get one persistent buffer each, every other tensor lives in one
+ *    arena whose offsets come from a liveness-based memory plan (greedy by size over the
+ *    program's instruction intervals). The plan's peak is known before anything runs.
+ *  - communicators: one per mesh-axis line (axis 0: the devices sharing i1, ranked by i0;
+ *    axis 1: sharing i0, ranked by i1) and one over the flattened mesh (ranked i0 * n1 + i1),
+ *    split from the world communicator.
+ *  - per node, in graph order: (1) resharding of every operand whose current spec differs from
+ *    the spec the op reads it in: the collectives of ap_reshard_cost's route (the plan's own list
+ *    of steps for that operand when it is consistent with the layout, otherwise a fresh
+ *    ap_reshard_cost), with local slicing between them: all-gather, all-to-all, all-reduce,
+ *    reduce-scatter on the right axis line, data rearranged around them with PERMUTE/SLICE
+ *    kernels so that blocks are contiguous; (2) the local kernel with local shapes; (3) the
+ *    op's own collectives (finishing a pending partial sum, gathering a ZeRO-sharded update),
+ *    i.e. the resharding of the op's local result into the plan's output spec.
+ *
+ * How local kernels are made to compute the global op (the CPU kernels size everything from the
+ * call's shapes, see runtime/cpu/kernels_cpu.c):
+ *  - means and losses divide by LOCAL counts: MEAN, MSE_LOSS and CROSS_ENTROPY results are
+ *    scaled by local/global count (a SCALE kernel after the op) before their pending sum is
+ *    finished; MSE_LOSS_BACK and CROSS_ENTROPY_BACK get their scalar dL scaled the same way.
+ *  - row-wise ops (layernorm and its backward ops, softmax, cross-entropy) need whole rows: a
+ *    split of the last dim is moved onto a whole row dim (all-to-all there and back; every
+ *    device then normalises its own rows), or gathered when no row dim can take it; their gain
+ *    and bias are gathered. A causal softmax also needs its query dim whole (the kernel masks
+ *    with the LOCAL row index and has no row-offset attribute).
+ *  - embedding lookups need the whole vocabulary (ids must be in the local table range), so a
+ *    vocabulary-split table is gathered; embedding gradients are computed for the whole
+ *    vocabulary and then reduce-scattered / sliced into the plan's spec.
+ *  - slice / concat / slice_back along a split axis, reshapes that would need an unexpressible
+ *    split, and matmuls whose operand specs do not pair up, read their operands in the nearest
+ *    layout that works (the split axes concerned gathered); operand layouts that cannot combine
+ *    at all (axis conflicts) make the op run whole on every device from replicated operands.
+ *  Every such choice that differs from what the plan says is a "deviation": it is counted,
+ *  listed by ap_spmd_print (op, tensor, the plan's spec and the one used) and costs
+ *  communication the plan did not count; results are the same. Any valid specs are accepted,
+ *  also ones no plan would choose (pending sums on leaves, a split turned into a pending sum).
+ *
+ * Memory. The plan's peak (ap_spmd_stats.predicted_peak) is known when ap_spmd_new returns,
+ * before any step. Update results (new parameters and optimizer states) stay in the arena until
+ * the step has succeeded on every rank and are then copied over their leaves, so the step's end
+ * holds a second copy of this rank's parameter and state shards (the sharding pass assumes
+ * in-place updates and does not count it).
+ *
+ * Parameters are initialised exactly as in a single-device run (ap_param_init_host): each rank
+ * initialises only its tile, row by row. Optimizer states start at zero.
+ *
+ * Inputs: the user passes the GLOBAL batch to every rank (ap_spmd_set_input) and each rank keeps
+ * the tile its spec assigns to it.
+ *
+ * Reads (ap_spmd_read) gather a whole tensor on every rank: with host-memory communicators (MPI)
+ * the shards are all-gathered into host memory and placed by their tiles, which uses no backend
+ * memory; otherwise (NCCL, or options.device_reads) a resharding program runs in the idle step
+ * arena, or in a temporary one when it does not fit (counted by the measured peak).
+ *
+ * Errors. Every entry point is collective over the world communicator given to ap_spmd_new and
+ * ends with an agreement (ap_comm_all_ok): a failure on one rank (a bad id in one rank's shard, an
+ * allocation failure) becomes the same status and message ("rank W: ...") on every rank, never a
+ * hang. Inside a step a rank whose kernel failed skips its remaining kernels but still takes part
+ * in every collective of the program, so that its peers finish; no parameter or state changes
+ * when a step fails on any rank (updates are committed only after the agreement).
+ * Nothing exits or aborts; messages name the rank (through the agreement), the tensor and the op.
+ * Not thread-safe.
+ */
+#ifndef AUTOPAR_SPMD_H
+#define AUTOPAR_SPMD_H
+
+#include "backend.h"
+#include "comm.h"
+#include "internal.h"
+#include "mesh.h"
+#include "sharding.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct ap_spmd ap_spmd;
+
+typedef struct ap_spmd_options {
+    uint64_t          seed;        /* parameter initialisation seed (as autopar_executor_new) */
+    autopar_precision precision;   /* F32 (default) or F64 (CPU backend only)                 */
+    /* Rank-order sums in every communicator (see comm.h): bit-identical results on every run,
+     * at the price of extra traffic. Default false. */
+    bool              deterministic;
+    /* ap_spmd_read gathers through backend memory (a resharding program in the step arena, or
+     * a temporary one) even when the communicators take host buffers, where it would otherwise
+     * gather into host memory and leave the backend memory peak untouched. Always the case for
+     * device communicators (NCCL). Default false; tests set it to cover that path. */
+    bool              device_reads;
+} ap_spmd_options;
+
+/* Defaults: seed 0, F32, not deterministic, host reads where possible. NULL-safe. */
+AP_INTERNAL void ap_spmd_options_default(ap_spmd_options *o);
+
+/* Memory and program statistics of this rank. */
+typedef struct ap_spmd_stats {
+    /* Bytes of backend memory this rank's runtime holds at most, predicted by the memory plan
+     * before running: persistent buffers (parameters, states, inputs) + the largest sum of the
+     * (aligned) sizes of the transient tensors live at any one instruction. */
+    size_t  predicted_peak;
+    /* Measured: the largest total of the runtime's live backend allocations so far (persistent
+     * buffers, the arena, and temporary buffers of reads that did not fit the arena). The arena
+     * is as large as the greedy offset assignment needs, so measured >= predicted; the gap is
+     * fragmentation. */
+    size_t  measured_peak;
+    size_t  persistent_bytes;      /* parameters + optimizer states + inputs                  */
+    size_t  arena_bytes;           /* transient tensors, laid out by the memory plan          */
+    size_t  transient_peak;        /* liveness peak of the transient tensors                  */
+    double  plan_peak;             /* the sharding pass's own estimate (ap_shard_plan)        */
+    int     n_instructions;        /* per step                                                 */
+    int     n_kernels;
+    int     n_collectives;         /* per step, by kind below                                  */
+    int     n_coll_kind[AP_COLL_KIND_COUNT];
+    double  coll_bytes;            /* bytes this rank sends + receives per step (payloads)     */
+    int     n_deviations;          /* operand layouts that differ from the plan (listed by print) */
+    int     n_route_plan;          /* reshardings executed along the plan's listed collectives  */
+    int     n_route_fresh;         /* reshardings whose route came from ap_reshard_cost here    */
+} ap_spmd_stats;
+
+/*
+ * Builds this rank's program and its buffers, initialises parameters. Collective over `world`.
+ *
+ * g: a training graph (autopar_build_training) without a sticky error; borrowed, must outlive
+ * the session and not change. plan: a plan of ap_shard_stage for ALL of g's nodes on a mesh of
+ * mesh->shape (copied: it may be freed afterwards). mesh: its devices are ranks of `world`
+ * (mesh device k = world rank devices[k]); world's size must equal the mesh's device count.
+ * b: this rank's backend (borrowed); its buffers must be ones the communicator accepts (host
+ * memory for MPI). world: borrowed; the session splits its own communicators from it.
+ *
+ * Errors (the same on every rank): AUTOPAR_ERR_INVALID_ARG (NULL, world size different from the
+ * mesh's device count, mesh devices not the world's ranks, plan for another mesh shape or graph
+ * size, a node outside the stage, backend/communicator memory mismatch, bad precision),
+ * AUTOPAR_ERR_GRAPH (sticky graph error, no optimizer), AUTOPAR_ERR_SHAPE (a spec does not
+ * divide its tensor), AUTOPAR_ERR_UNSUPPORTED (an op the backend lacks, an impossible
+ * resharding), AUTOPAR_ERR_NOMEM / AUTOPAR_ERR_BACKEND / AUTOPAR_ERR_MPI.
+ */
+AP_INTERNAL ap_status ap_spmd_new(const autopar_graph *g, const ap_shard_plan *plan,
+                                  const ap_mesh *mesh, ap_backend *b, ap_comm *world,
+                                  const ap_spmd_options *opt, ap_spmd **out);
+
+/* Frees every buffer and communicator of the session (local; not collective). NULL-safe. */
+AP_INTERNAL void ap_spmd_free(ap_spmd *s);
+
+/* Gives input tensor t its GLOBAL value for the next steps: `data` holds all n elements
+ * (row-major; float for F32 tensors, int32_t for I32), the same on every rank; each rank keeps
+ * its tile. Collective. Errors (agreed): AUTOPAR_ERR_INVALID_ARG (t not an input of the graph,
+ * NULL data), AUTOPAR_ERR_SHAPE (n is not the tensor's element count: a batch of the wrong
+ * size), AUTOPAR_ERR_NOMEM, AUTOPAR_ERR_BACKEND. */
+AP_INTERNAL ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *data,
+                                        int64_t n);
+
+/* One training step: forward, backward, optimizer apply, then every parameter and optimizer
+ * state takes its updated value (only when the step succeeded on every rank). *loss (may be
+ * NULL) gets the loss before the update, the same on every rank. Collective. Errors (agreed):
+ * whatever a kernel or collective reports, prefixed with the failing rank. */
+AP_INTERNAL ap_status ap_spmd_step(ap_spmd *s, double *loss);
+
+/* Number of completed steps. */
+AP_INTERNAL int64_t ap_spmd_steps(const ap_spmd *s);
+
+/* Copies the WHOLE current value of t (a parameter, optimizer state or input: the tensors kept
+ * between steps) into data on every rank, gathering the shards (float for F32, int32_t for I32;
+ * n must be the element count). Collective. Errors (agreed): AUTOPAR_ERR_INVALID_ARG (not a
+ * tensor kept between steps), AUTOPAR_ERR_SHAPE, AUTOPAR_ERR_NOMEM, AUTOPAR_ERR_MPI,
+ * AUTOPAR_ERR_BACKEND. */
+AP_INTERNAL ap_status ap_spmd_read(ap_spmd *s, const autopar_tensor *t, void *data, int64_t n);
+
+/* This rank's statistics (zeros for NULL). */
+AP_INTERNAL void ap_spmd_get_stats(const ap_spmd *s, ap_spmd_stats *st);
+
+/* Prints this rank's program summary: mesh coordinate, memory (predicted / measured / plan),
+ * instruction and collective counts, and one line per deviation from the plan. */
+AP_INTERNAL void ap_spmd_print(const ap_spmd *s, FILE *f);
+
+/* Prints every instruction of this rank's step program (debugging). */
+AP_INTERNAL void ap_spmd_dump(const ap_spmd *s, FILE *f);
+
+#endif /* AUTOPAR_SPMD_H */
