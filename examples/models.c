@@ -175,14 +175,17 @@ static autopar_tensor *gpt_attention(autopar_graph *g, const gpt_config *c, int 
     autopar_tensor *qkv = model_dense(g, h, model_name(wn, sizeof wn, "h%d.attn.qkv.w", l),
                                       model_name(bn, sizeof bn, "h%d.attn.qkv.b", l), C, 3 * C,
                                       0.02f);                                   /* [B, T, 3C] */
+    /* The fused projection's columns are laid out per head, [H][q|k|v][D] (Megatron's layout),
+     * so splitting q, k and v happens on an unsharded last dim and the head dim can be sharded:
+     * that is what makes head-parallel (tensor-parallel) attention expressible. */
+    const int64_t bth3d[4] = {B, T, H, 3 * D};
+    autopar_tensor *per_head = autopar_reshape(g, qkv, 4, bth3d);              /* [B,T,H,3D] */
     autopar_tensor *parts[3] = {NULL, NULL, NULL};
-    (void)autopar_split(g, qkv, 2, 3, parts);                                   /* 3 x [B,T,C] */
+    (void)autopar_split(g, per_head, 3, 3, parts);                              /* 3 x [B,T,H,D] */
 
-    const int64_t bthd[4] = {B, T, H, D};
     const int to_heads[4] = {0, 2, 1, 3};                       /* [B,T,H,D] <-> [B,H,T,D] */
     autopar_tensor *qkvh[3];
-    for (int i = 0; i < 3; i++)
-        qkvh[i] = autopar_permute(g, autopar_reshape(g, parts[i], 4, bthd), to_heads);
+    for (int i = 0; i < 3; i++) qkvh[i] = autopar_permute(g, parts[i], to_heads);
 
     autopar_tensor *att = autopar_batch_matmul(g, qkvh[0], qkvh[1], 0, 1);     /* [B,H,T,T] */
     att = autopar_scale(g, att, (float)(1.0 / sqrt((double)D)));

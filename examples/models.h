@@ -26,7 +26,8 @@ void model_mlp_batch(const mlp_config *c, uint64_t teacher_seed, uint64_t batch_
                      float *x, float *y);
 
 /* A GPT-2 style decoder: token + learned position embeddings, `layers` pre-LN blocks (causal
- * multi-head attention with fused qkv projection, GELU MLP of width 4·hidden, residuals), final
+ * multi-head attention with a fused qkv projection whose columns are grouped per head
+ * ([H][q|k|v][D], as in Megatron), GELU MLP of width 4·hidden, residuals), final
  * LayerNorm, LM head tied to the token embedding, cross-entropy. Inputs "tokens" and "targets"
  * (I32, [batch, seq], batch dim 0). With mark_layers != 0 a pipeline boundary follows each
  * block. */
