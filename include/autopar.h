@@ -406,6 +406,254 @@ AUTOPAR_API int  autopar_cluster_devices_per_host(const autopar_cluster *c);
 AUTOPAR_API void autopar_cluster_print(const autopar_cluster *c, FILE *f);
 AUTOPAR_API void autopar_cluster_free(autopar_cluster *c);
 
+/* ------------------------------------------------------------------------------------------ */
+/* 7. Parallelisation: options, plans                                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * autopar_parallelize turns a training graph into a plan for a cluster: pipeline stages (each a
+ * contiguous range of layers), a submesh of the cluster and a logical 2-D mesh per stage, and the
+ * sharding of every tensor of a stage on its mesh (Alpa's inter- and intra-operator passes; the
+ * method is described in docs/inter-op.md).
+ *
+ * Micro-batches. The graph is built at the MICRO-BATCH size: its inputs' batch dims are the
+ * number of samples one micro-batch carries. A training step runs num_micro_batches (B)
+ * micro-batches through the pipeline, accumulates their gradients and applies the optimizer
+ * once, so the global batch of a step is B x the graph's batch size, and the loss the optimizer
+ * sees is the mean over the B micro-batches' (mean) losses. To plan for a global batch G with B
+ * micro-batches, build the graph with batch G / B.
+ *
+ * Plans are plain data. A plan owns a copy of the training graph (with the layer of every node
+ * set by the layer pass) and of the cluster, so it can be saved, inspected and loaded elsewhere
+ * (e.g. computed on a laptop for a cluster, then loaded on the cluster); node ids in a plan are
+ * the ids of the graph given to autopar_parallelize, which the copy keeps.
+ */
+
+typedef struct autopar_plan autopar_plan;
+
+/* What kind of plan to make. */
+typedef enum autopar_method {
+    /* Pipeline stages x submeshes x shardings, chosen as stage_option says (Alpa's
+     * PipeshardParallel). The default. */
+    AUTOPAR_METHOD_PIPESHARD = 0,
+    /* One stage on the whole cluster; the intra-operator pass picks the sharding on the best
+     * logical mesh of the cluster (Alpa's ShardParallel). */
+    AUTOPAR_METHOD_SHARD,
+    /* One stage on the whole cluster viewed as an (N*M) x 1 mesh, the batch dim of every input
+     * split over all devices, gradients all-reduced (classic data parallelism). */
+    AUTOPAR_METHOD_DATA_PARALLEL,
+    /* As DATA_PARALLEL, but gradients may be reduce-scattered and the optimizer update and its
+     * state sharded (ZeRO stage 2) wherever the cost model finds that cheaper. */
+    AUTOPAR_METHOD_ZERO2,
+    AUTOPAR_METHOD_COUNT
+} autopar_method;
+
+/* How AUTOPAR_METHOD_PIPESHARD forms stages. */
+typedef enum autopar_stage_option {
+    /* The stage DP chooses the layer ranges, the submeshes and the logical meshes that minimise
+     * the estimated step time within the memory budget. */
+    AUTOPAR_STAGE_AUTO = 0,
+    /* uniform_num_stages stages of (nearly) equal layer counts on equal submeshes, all with the
+     * same logical mesh (the cheapest one that fits); uniform_num_stages = 0 tries every stage
+     * count whose equal submeshes tile the cluster and keeps the cheapest. */
+    AUTOPAR_STAGE_UNIFORM,
+    /* Exactly the stages of manual_stages. */
+    AUTOPAR_STAGE_MANUAL,
+    AUTOPAR_STAGE_OPTION_COUNT
+} autopar_stage_option;
+
+/* Pipeline schedule. Both run B forwards and B backwards per stage and one optimizer apply;
+ * they differ in memory: under GPipe every stage holds the activations of all B micro-batches,
+ * under 1F1B stage s of S holds those of min(S - s, B). */
+typedef enum autopar_schedule {
+    AUTOPAR_SCHEDULE_GPIPE = 0,
+    AUTOPAR_SCHEDULE_1F1B = 1,
+    AUTOPAR_SCHEDULE_COUNT
+} autopar_schedule;
+
+/* Which whole-host submesh shapes (h hosts x all their devices) the stage DP may use besides the
+ * (1, 2^k) shapes inside a host (Alpa's submesh_physical_shape_space). */
+typedef enum autopar_submesh_space {
+    AUTOPAR_SUBMESH_POWER_OF_TWO = 0,    /* h a power of two (the default)                    */
+    AUTOPAR_SUBMESH_ALL,                 /* every h                                            */
+    AUTOPAR_SUBMESH_SMALL_POWER_OF_TWO,  /* h a power of two <= 4                              */
+    AUTOPAR_SUBMESH_SPACE_COUNT
+} autopar_submesh_space;
+
+/* Which peak rate of the cluster's devices compute costs use. Memory is counted at 4 bytes per
+ * element either way. */
+typedef enum autopar_flop_rate {
+    AUTOPAR_FLOPS_F32 = 0,   /* dense fp32 peak (what the CPU and CUDA backends run)          */
+    AUTOPAR_FLOPS_F16,       /* bf16/fp16 tensor-core peak (mixed-precision what-if planning) */
+    AUTOPAR_FLOPS_COUNT
+} autopar_flop_rate;
+
+/* One stage of AUTOPAR_STAGE_MANUAL (Alpa's ManualStageOption). Layers are the layers of the
+ * layer pass (see num_layers); the stages must cover layers 0..L-1 in order without gaps or
+ * overlaps, and their submeshes must tile the cluster. */
+typedef struct autopar_manual_stage {
+    int first_layer, last_layer;  /* inclusive                                                */
+    /* Physical submesh: submesh_hosts hosts x submesh_devices devices on each. Either (1, w)
+     * with w a power of two dividing the devices per host (M), or (h, M). */
+    int submesh_hosts, submesh_devices;
+    /* Logical mesh mesh_dp x mesh_mp over the submesh's devices (host-major order; the mp axis
+     * is the minor one). mesh_dp * mesh_mp must equal the submesh size. 0, 0: the pass picks
+     * the cheapest logical mesh of the automatic search space for this stage. */
+    int mesh_dp, mesh_mp;
+    /* 1: the batch dim of every input is split over mesh axis 0 (data parallel over dp, the ILP
+     * then decides how to use the mp axis); 0: the ILP is free; -1: as
+     * autopar_options.force_batch_dim_to_axis0. Ignored when mesh_dp = mesh_mp = 0. */
+    int force_batch_dim_to_axis0;
+} autopar_manual_stage;
+
+typedef struct autopar_options {
+    autopar_method method;            /* default AUTOPAR_METHOD_PIPESHARD                        */
+    /* B >= 1: micro-batches per step (see "Micro-batches" above). Default 1. */
+    int num_micro_batches;
+    /* Number of layers L the layer pass makes (AUTOPAR_METHOD_PIPESHARD only; the other
+     * methods use one layer). > 0: automatic clustering of the forward ops into that many
+     * layers (Alpa's AutoLayerOption). 0 (default): the graph's own boundaries
+     * (autopar_mark_pipeline_boundary) when it has any, else automatic clustering into
+     * min(16, devices in the cluster, matmuls in the forward graph / 6) layers (about one
+     * transformer block per layer at most), fewer if the clustering admits fewer. */
+    int num_layers;
+    /* FLOP-balance tolerance of automatic clustering: no layer above (1 + eps) x the average
+     * (Alpa's eps). Default 0.5. */
+    double layer_eps;
+    autopar_stage_option stage_option;           /* default AUTOPAR_STAGE_AUTO               */
+    int uniform_num_stages;                      /* AUTOPAR_STAGE_UNIFORM only (0 = best)     */
+    int num_manual_stages;                       /* AUTOPAR_STAGE_MANUAL only                 */
+    const autopar_manual_stage *manual_stages;   /* not owned; read during the call only      */
+    autopar_schedule schedule;                   /* default AUTOPAR_SCHEDULE_1F1B             */
+    autopar_submesh_space submesh_space;         /* default AUTOPAR_SUBMESH_POWER_OF_TWO      */
+    /* Memory per device available to a stage, bytes: > 0 that figure, 0 (default) the
+     * cluster's device memory, < 0 no limit. */
+    double memory_budget;
+    /* 1 (default): the logical meshes searched for a submesh of n devices are Alpa's
+     * "single_node_model_parallel" space: (n/mp) x mp for every mp dividing n with
+     * mp <= devices per host, each with the batch dim forced onto axis 0, plus one n x 1 mesh
+     * where the ILP is free. 0: the same shapes, the ILP free on all of them. */
+    int force_batch_dim_to_axis0;
+    /* 1: gradients may be reduce-scattered and optimizer state sharded (ZeRO-2 style) where
+     * that is cheaper (Alpa's prefer_reduce_scatter). Default 1. */
+    int prefer_reduce_scatter;
+    autopar_flop_rate flop_rate;                 /* default AUTOPAR_FLOPS_F32                 */
+    /* Wall-clock limit of one ILP solve, seconds (> 0; default 10). A solve that runs out
+     * keeps the best sharding found so far. */
+    double ilp_time_limit;
+    /* 1: progress and per-pass timings on stderr (also when the environment variable
+     * AUTOPAR_VERBOSE=1). Default 0. */
+    int verbose;
+} autopar_options;
+
+/* Fills o with the defaults given above. NULL-safe. */
+AUTOPAR_API void autopar_options_default(autopar_options *o);
+
+/* Computes a plan for training graph g on cluster c.
+ * Inputs: g must be a training graph (autopar_build_training, or autopar_backward and
+ * autopar_apply_optimizer, done) without a sticky error; it is not modified and may be freed
+ * after the call. c is read only. o may be NULL for the defaults.
+ * Output: *out, a new plan owned by the caller (free with autopar_plan_free); NULL on failure.
+ * Errors: AUTOPAR_ERR_INVALID_ARG (NULL g, c or out; a bad option, naming it; manual stages that
+ * overlap, leave a gap, name a layer that does not exist, use an invalid submesh or logical
+ * mesh, or whose submeshes do not tile the cluster, each naming the stage), AUTOPAR_ERR_GRAPH
+ * (no backward pass or no optimizer: the message says to call autopar_build_training; the
+ * graph's sticky error; bad manual layer boundaries), AUTOPAR_ERR_INFEASIBLE (no plan fits the
+ * memory budget: the message gives the budget and the smallest per-device budget that would
+ * fit; or no sharding is realisable), AUTOPAR_ERR_BACKEND (the ILP solver failed),
+ * AUTOPAR_ERR_NOMEM.
+ * Progress and per-pass timings go to stderr when o->verbose or AUTOPAR_VERBOSE=1. */
+AUTOPAR_API autopar_status autopar_parallelize(const autopar_graph *g, const autopar_cluster *c,
+                                               const autopar_options *o, autopar_plan **out);
+
+/* Frees a plan. NULL-safe. */
+AUTOPAR_API void autopar_plan_free(autopar_plan *p);
+
+/* Prints a readable summary: one block per stage (layer range, submesh and its devices, logical
+ * mesh, estimated forward / backward / send time per micro-batch, gradient sync and apply time
+ * per step, memory per device), the estimated step time with its breakdown (compute,
+ * communication, gradient sync, optimizer apply, pipeline bubble) and the planning time per
+ * pass. NULL-safe (prints nothing). */
+AUTOPAR_API void autopar_plan_print(const autopar_plan *p, FILE *f);
+
+/* The plan as JSON text (malloc'ed; free with free()). The document holds the graph, the
+ * cluster, every stage (layers, submesh, placement, logical mesh, device ids, node ids, the
+ * intra-operator plan of the stage, estimates) and the tensors that cross stages; format in
+ * docs/inter-op.md. autopar_plan_from_json reads it back to a plan whose JSON is byte for byte
+ * the same. Errors: AUTOPAR_ERR_INVALID_ARG (NULL), AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_plan_to_json(const autopar_plan *p, char **out);
+
+/* Reads a plan written by autopar_plan_to_json. Errors: AUTOPAR_ERR_INVALID_ARG (NULL),
+ * AUTOPAR_ERR_PARSE (malformed JSON, a missing or wrong field, a stage inconsistent with the
+ * graph or cluster it carries; the message names the field), the errors of
+ * autopar_graph_from_json and autopar_cluster_from_json for the embedded graph and cluster,
+ * AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_plan_from_json(const char *json, autopar_plan **out);
+
+/* File forms of the two functions above (AUTOPAR_ERR_IO when the file cannot be used). */
+AUTOPAR_API autopar_status autopar_plan_save(const autopar_plan *p, const char *path);
+AUTOPAR_API autopar_status autopar_plan_load(const char *path, autopar_plan **out);
+
+/* Estimated time of one training step (B micro-batches and the optimizer apply) and its split.
+ * step_time = compute + communication + grad_sync + apply + bubble: the first four are the
+ * busy time of the critical (slowest) stage over the step, bubble is the rest (pipeline fill
+ * and drain). See docs/inter-op.md for the model. */
+typedef struct autopar_plan_estimate {
+    double step_time;        /* seconds per step (the stage DP's objective)                */
+    double compute;          /* critical stage: B x compute per micro-batch                */
+    double communication;    /* critical stage: B x (intra-stage collectives + resharding  */
+                             /* + sending boundary tensors to the neighbouring stage)      */
+    double grad_sync;        /* critical stage: gradient synchronisation, once per step    */
+    double apply;            /* critical stage: optimizer update, once per step            */
+    double bubble;           /* pipeline fill and drain                                    */
+    double simulated_step_time;  /* the same stage times run through the schedule's        */
+                                 /* event simulation (passes/schedule.h)                   */
+    int    critical_stage;
+    double planning_seconds;     /* wall time autopar_parallelize took                    */
+} autopar_plan_estimate;
+
+/* Per-stage figures. */
+typedef struct autopar_stage_info {
+    int    first_layer, last_layer;          /* inclusive                                    */
+    int    submesh_hosts, submesh_devices;   /* physical submesh (h, w)                      */
+    int    host_begin, device_begin;         /* placement: hosts [host_begin, +h), local     */
+                                             /* devices [device_begin, +w) on each           */
+    int    mesh_shape[2];                    /* logical mesh (dp, mp)                        */
+    int    force_batch_dim_to_axis0;         /* 1 or 0                                       */
+    int    n_devices, n_nodes;
+    double forward_time, backward_time;      /* per micro-batch, seconds                     */
+    double send_time;                        /* per micro-batch: boundary tensors sent       */
+    double grad_sync_time, apply_time;       /* per step, seconds                            */
+    double memory_bytes;                     /* estimated peak per device                    */
+    int    micro_batches_in_flight;          /* activations held at the peak                 */
+} autopar_stage_info;
+
+/* Plan accessors. Counts return 0 and pointers NULL for a NULL plan or a stage out of range;
+ * returned pointers stay valid until the plan is freed. */
+AUTOPAR_API int autopar_plan_num_stages(const autopar_plan *p);
+AUTOPAR_API int autopar_plan_num_micro_batches(const autopar_plan *p);
+AUTOPAR_API int autopar_plan_num_layers(const autopar_plan *p);
+AUTOPAR_API autopar_schedule autopar_plan_schedule(const autopar_plan *p);
+/* The plan's copy of the training graph (node layers as the layer pass set them) and cluster. */
+AUTOPAR_API const autopar_graph *autopar_plan_graph(const autopar_plan *p);
+AUTOPAR_API const autopar_cluster *autopar_plan_cluster(const autopar_plan *p);
+/* Writes the estimate. Errors: AUTOPAR_ERR_INVALID_ARG (NULL). */
+AUTOPAR_API autopar_status autopar_plan_get_estimate(const autopar_plan *p,
+                                                     autopar_plan_estimate *out);
+/* Writes stage s's figures. Errors: AUTOPAR_ERR_INVALID_ARG (NULL, s out of range). */
+AUTOPAR_API autopar_status autopar_plan_stage_info(const autopar_plan *p, int s,
+                                                   autopar_stage_info *out);
+/* Global device ids of stage s's logical mesh, row-major over (dp, mp); *n gets the count. */
+AUTOPAR_API const int *autopar_plan_stage_devices(const autopar_plan *p, int s, int *n);
+/* Ids of the graph nodes stage s computes (forward, backward and apply nodes of its layers and
+ * the leaves they own), ascending; *n gets the count. */
+AUTOPAR_API const int *autopar_plan_stage_nodes(const autopar_plan *p, int s, int *n);
+/* Stage s's intra-operator plan (every tensor's sharding spec, every op's strategy, the
+ * collectives) as JSON text (malloc'ed; free with free()). Errors: AUTOPAR_ERR_INVALID_ARG,
+ * AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_plan_stage_sharding_json(const autopar_plan *p, int s,
+                                                            char **out);
+
 #ifdef __cplusplus
 }
 #endif
