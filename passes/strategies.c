@@ -16,6 +16,8 @@
  *    resharding becomes part of the merged strategy's cost. A light op whose operand lies in
  *    another layer becomes a root that enumerates the operand's specs instead (so groups never
  *    span layers, which the per-layer reuse relies on).
+ *  - expand (the adjoint of sum / mean) is a root of its own: every spec of its result, the
+ *    operand read in that spec without the inserted dim (see gen_expand).
  */
 #include "shard_internal.h"
 
@@ -122,6 +124,10 @@ static bool is_heavy_or_leaf(ap_op op) {
     }
 }
 
+/* Ops whose strategy list is their own, not mirrored from an operand: leaves, heavy ops, and
+ * expand, whose result may be split more than its operand (gen_expand). */
+static bool is_root_op(ap_op op) { return is_heavy_or_leaf(op) || op == AP_OP_EXPAND; }
+
 /* Operand index a light op follows (or derives from when it is a root). OPT_STATE: -1 (it
  * follows its parameter, which is not an operand). */
 static int follow_operand(const autopar_graph *g, const ap_node *v) {
@@ -159,7 +165,7 @@ AP_INTERNAL void ap_shard_pick_follow(ap_shard_problem *p) {
         p->follow[id] = -1;
         if (p->role[id] != AP_ROLE_STAGE) continue;   /* externals are leaves */
         const ap_node *v = g->nodes[id];
-        if (is_heavy_or_leaf(v->op)) continue;
+        if (is_root_op(v->op)) continue;
         int u;
         if (v->op == AP_OP_OPT_STATE) {
             u = (int)v->attrs.i[0];
@@ -475,15 +481,6 @@ static ap_status derive(ap_shard_problem *p, const ap_node *v, int fk, const ap_
         pre.partial = (uint8_t)(rem & live_axes(m));
         break;
     }
-    case AP_OP_EXPAND: {
-        ns->in[0] = s;
-        pre = ap_spec_replicated(v->shape.ndim);
-        int ax = (int)v->attrs.i[0];
-        if (ax >= 0)
-            for (int d = 0, i = 0; d < v->shape.ndim; d++)
-                if (d != ax) pre.dim[d] = s.dim[i++];
-        break;
-    }
     case AP_OP_MSE_LOSS: {
         ns->in[0] = s;
         ns->in[1] = s;
@@ -502,7 +499,7 @@ static ap_status derive(ap_shard_problem *p, const ap_node *v, int fk, const ap_
         break;
     }
     default:
-        /* Every op of the IR is handled above or is a leaf / heavy op. */
+        /* Every op of the IR is handled above or is a root op (leaf, heavy op, expand). */
         ns->ok = false;
         return ap_error(AUTOPAR_ERR_UNSUPPORTED, "sharding: no strategy rule for op %s ('%s')",
                         ap_op_name(v->op), v->name);
@@ -675,6 +672,48 @@ static ap_status gen_heavy(ap_shard_problem *p, const ap_node *v, ap_nstrat **li
                 }
             }
         }
+    }
+    *list = out;
+    *count = n;
+    return AUTOPAR_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Expand                                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* EXPAND broadcasts its operand over an inserted axis (or a scalar over the whole shape). Every
+ * device can fill its own tile of ANY layout of the result from the operand laid out as that
+ * tile minus the inserted dim (a scalar: replicated), with no communication: the inserted axis,
+ * and from a scalar every dim, may be split freely. So expand offers every spec of its result
+ * and reads its operand in the spec with the inserted dim dropped; the edge from the operand
+ * prices any resharding (none when the operand already has that spec, a free slice from R).
+ * Following the operand instead would pin the result to the operand's splits: the loss
+ * gradient broadcast from the replicated seed (mean_all / sum_all) would be replicated, and so
+ * would every gradient following it, reading the batch-split activations whole; under
+ * force_batch_dim_to_mesh_axis that all-gather over the batch axis is forbidden and no plan
+ * existed. */
+static ap_status gen_expand(ap_shard_problem *p, const ap_node *v, ap_nstrat **list,
+                            int *count) {
+    ap_spec specs[AP_SHARD_MAX_SPECS];
+    int ns = ap_shard_enum_specs(p->mesh, &v->shape, p->opt.allow_mixed_mesh, specs);
+    ap_nstrat *out = calloc((size_t)(ns > 0 ? ns : 1), sizeof *out);
+    if (!out) return ap_error(AUTOPAR_ERR_NOMEM, "sharding: out of memory");
+    int ax = (int)v->attrs.i[0];
+    int n = 0;
+    for (int i = 0; i < ns; i++) {
+        ap_nstrat *st = &out[n];
+        memset(st, 0, sizeof *st);
+        st->ok = true;
+        unsigned removed;
+        st->in[0] = ax >= 0 ? spec_drop_dim(&specs[i], ax, &removed) : ap_spec_replicated(0);
+        /* no own collective; the work is divided over the result's tiles */
+        ap_status s = finish(p, v, st, &specs[i], &specs[i], 0, 0, 0);
+        if (s) {
+            free(out);
+            return s;
+        }
+        if (st->ok) n++;
     }
     *list = out;
     *count = n;
@@ -859,6 +898,8 @@ AP_INTERNAL ap_status ap_shard_gen_strategies(ap_shard_problem *p) {
             st = gen_leaf(p, v, false, &list, &n);
         else if (is_heavy_or_leaf(v->op))
             st = gen_heavy(p, v, &list, &n, param_grad[id]);
+        else if (v->op == AP_OP_EXPAND)
+            st = gen_expand(p, v, &list, &n);
         else
             st = gen_light_root(p, v, &list, &n);
         if (st) break;

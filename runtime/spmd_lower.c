@@ -817,12 +817,16 @@ static bool op_rule_of(const sp_lower_ctx *c, const ap_node *v, op_rule *r) {
         return true;
     }
     case AP_OP_EXPAND: {
+        /* Every device fills its own tile of the planned layout (the sharding pass may split
+         * the inserted axis, or from a scalar any dim: no communication): the kernel sizes from
+         * the local shapes and reads the operand in that layout without the inserted dim. */
         int ax = (int)v->attrs.i[0];
-        r->C = ap_spec_replicated(v->shape.ndim);
-        if (ax >= 0)
-            for (int d = 0, i = 0; d < v->shape.ndim; d++)
-                if (d != ax) r->C.dim[d] = E[0].dim[i++];
-        if (ax < 0) E[0] = ap_spec_replicated(0);
+        r->C = c->plan->node[v->id].spec;
+        r->C.partial = 0;
+        ap_spec want = ax >= 0 ? spec_drop_dim(&r->C, ax) : ap_spec_replicated(0);
+        if (ax >= 0 && !ap_spec_equal(&want, &E[0]))
+            r->why = "the operand is read as the result's tiles without the inserted dim";
+        E[0] = want;
         return true;
     }
     case AP_OP_MSE_LOSS: {

@@ -125,14 +125,14 @@ typedef struct model {
 } model;
 
 /* A small model over the ops the MLP and the GPT do not use the same way: slices of a wide
- * activation, softmax times layernorm, concat, reshape + permute, a mean over a minor axis, an
- * MSE loss.
+ * activation, softmax times layernorm, concat, reshape + permute, a mean over a minor axis, a
+ * squared error averaged with mean_all.
  *   h = gelu(x w + b)  [B, 2D];  s = softmax(h[:, :D]) * layernorm(h[:, D:])
  *   r = mean(permute(reshape(concat(s, x), [B, 2, D]), [0, 2, 1]), axis 2)
- *   loss = mse(r, y)
- * (Losses built from mean / mean_all are not used: their backward broadcasts the scalar
- * gradient with EXPAND, which the sharding pass keeps replicated, so with the batch forced onto
- * a mesh axis it finds no plan at all.) */
+ *   loss = mean_all((r - y) * (r - y))
+ * The backward broadcasts with EXPAND twice: the scalar seed over [B, D] (mean_all) and the
+ * [B, D] gradient over the inserted axis of the mean; the plans split those results (the
+ * batch forced onto a mesh axis needs it) and every device fills its own tile. */
 static autopar_status misc_build(autopar_graph *g, int64_t B, int64_t D, autopar_tensor **loss) {
     autopar_tensor *x = autopar_input(g, "x", AUTOPAR_F32, 2, (int64_t[]){B, D}, 0);
     autopar_tensor *y = autopar_input(g, "y", AUTOPAR_F32, 2, (int64_t[]){B, D}, 0);
@@ -148,7 +148,8 @@ static autopar_status misc_build(autopar_graph *g, int64_t B, int64_t D, autopar
     t = autopar_reshape(g, t, 3, (int64_t[]){B, 2, D});
     t = autopar_permute(g, t, (int[]){0, 2, 1});
     autopar_tensor *r = autopar_mean(g, t, 2);
-    *loss = autopar_mse_loss(g, r, y);
+    autopar_tensor *d = autopar_sub(g, r, y);
+    *loss = autopar_mean_all(g, autopar_mul(g, d, d));
     return autopar_graph_status(g);
 }
 
