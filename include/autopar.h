@@ -654,6 +654,128 @@ AUTOPAR_API const int *autopar_plan_stage_nodes(const autopar_plan *p, int s, in
 AUTOPAR_API autopar_status autopar_plan_stage_sharding_json(const autopar_plan *p, int s,
                                                             char **out);
 
+/* ------------------------------------------------------------------------------------------ */
+/* 8. Sessions (distributed execution)                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * A session runs a plan on the ranks of an MPI job (mpirun -np N, N = the plan's device count:
+ * world rank r is device r of the plan's cluster). Every session function is COLLECTIVE over
+ * MPI_COMM_WORLD (every rank calls it, in the same order, with the same arguments unless a
+ * function says otherwise) and ends with an agreement: a failure on any rank is returned on
+ * every rank with the same status and a message naming the failing rank ("rank R: ..."), never
+ * a hang. Run without mpirun, a program is a world of one rank.
+ *
+ * MPI. The library initialises MPI when nobody has (MPI_Init_thread, FUNNELED) and finalises it
+ * when its last use ends: autopar_finalize, or the last autopar_session_free when the program
+ * never called autopar_world. A program that makes several sessions in sequence, or that wants
+ * the world size before planning, calls autopar_world first and autopar_finalize at the end.
+ * A program that initialises MPI itself keeps it: the library then never finalises it.
+ *
+ * Batches. The graph is built at the micro-batch size (section 7, "Micro-batches"). The data
+ * of one step, the GLOBAL batch, is num_micro_batches (B) micro-batches: for an input of shape
+ * S with batch dim d, the user passes B x numel(S) elements, the B micro-batches one after the
+ * other (each row-major in S: i.e. the global batch stacked along a new leading axis; for
+ * d = 0 this is simply the global batch of B x S[0] rows), and EVERY rank passes the whole
+ * global batch: each keeps the part its shards need. Inputs without a batch dim (d = -1) take
+ * numel(S) elements, the same for every micro-batch.
+ *
+ * Current limits: plans of one stage with one micro-batch (B = 1). A plan with several stages
+ * or micro-batches is refused by autopar_session_new with AUTOPAR_ERR_UNSUPPORTED (the
+ * message says so); AUTOPAR_METHOD_SHARD, DATA_PARALLEL and ZERO2 always give one stage.
+ */
+
+/* Backends (the same order as the runtime's). AUTO: CUDA when this build has it and the rank
+ * sees a GPU, otherwise CPU. */
+typedef enum autopar_backend_kind {
+    AUTOPAR_BACKEND_AUTO = 0,
+    AUTOPAR_BACKEND_CPU,
+    AUTOPAR_BACKEND_CUDA,
+    AUTOPAR_BACKEND_KIND_COUNT
+} autopar_backend_kind;
+
+typedef struct autopar_session autopar_session;
+
+/* This process's rank and the world size (MPI_COMM_WORLD; 0 and 1 without mpirun). Initialises
+ * MPI when needed and keeps the library's world open until autopar_finalize. Collective on the
+ * first call. rank or size may be NULL. Errors: AUTOPAR_ERR_MPI (MPI already finalised, or a
+ * call failed), AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_world(int *rank, int *size);
+
+/* Ends what autopar_world started: finalises MPI when the library initialised it and no
+ * session is alive (otherwise when the last session is freed). Call once, at the end, on every
+ * rank. NULL-safe in spirit: does nothing when autopar_world was never called. */
+AUTOPAR_API void autopar_finalize(void);
+
+/* Creates a session for `plan` on this job. Collective over MPI_COMM_WORLD.
+ * plan: read during the call only (the session keeps its own copy). Rank 0's plan is the one
+ * executed: it is broadcast to every rank, so ranks that each computed a plan cannot run
+ * different ones. backend: see autopar_backend_kind (every rank must resolve it to the same
+ * kind). seed: parameter initialisation seed: parameters start exactly as in
+ * autopar_executor_new(graph, seed, ...), optimizer state at zero.
+ * Output: *out (free with autopar_session_free); NULL on failure.
+ * Errors (the same on every rank): AUTOPAR_ERR_INVALID_ARG (NULL plan or out, bad backend; the
+ * world size differs from the plan's device count: the message gives both and the mpirun
+ * command to use), AUTOPAR_ERR_UNSUPPORTED (a plan with several stages or micro-batches, a
+ * backend not built, an op the backend lacks), AUTOPAR_ERR_MPI, AUTOPAR_ERR_BACKEND,
+ * AUTOPAR_ERR_NOMEM, and the errors of the runtime's lowering (AUTOPAR_ERR_SHAPE for a
+ * sharding that does not divide its tensor). */
+AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
+                                               autopar_backend_kind backend, uint64_t seed,
+                                               autopar_session **out);
+
+/* Frees the session's buffers and communicators (local; every rank should call it). May
+ * finalise MPI (see "MPI" above). NULL-safe. */
+AUTOPAR_API void autopar_session_free(autopar_session *s);
+
+/* Gives input `name` (an input tensor of the plan's graph) its data for the next steps: the
+ * whole GLOBAL batch of a step (see "Batches"), float for F32 inputs, int32_t for I32 inputs,
+ * n elements; every rank passes the same data. Collective. Errors (agreed): AUTOPAR_ERR_INVALID_ARG
+ * (NULL, not an input), AUTOPAR_ERR_NOT_FOUND (no tensor with that name), AUTOPAR_ERR_SHAPE (n
+ * is not the global batch's element count: the message gives the expected count and how it is
+ * made), AUTOPAR_ERR_NOMEM, AUTOPAR_ERR_BACKEND. */
+AUTOPAR_API autopar_status autopar_session_write_input(autopar_session *s, const char *name,
+                                                       const void *data, int64_t n);
+
+/* One training step on the inputs last written: forward and backward of every micro-batch,
+ * gradient accumulation, one optimizer apply. *loss (may be NULL) gets the step's loss (the
+ * mean of the micro-batches' losses, before the update), the same on every rank. Collective.
+ * On failure no parameter or optimizer state changes. Errors (agreed, naming the rank, op and
+ * tensor): those of the kernels and collectives; an id out of range is AUTOPAR_ERR_INVALID_ARG. */
+AUTOPAR_API autopar_status autopar_session_step(autopar_session *s, double *loss);
+
+/* Copies the WHOLE current value of parameter or optimizer state `name` (n elements, float)
+ * into out on every rank, gathering its shards. Collective. Errors (agreed):
+ * AUTOPAR_ERR_NOT_FOUND, AUTOPAR_ERR_INVALID_ARG (not a parameter or optimizer state, NULL),
+ * AUTOPAR_ERR_SHAPE (n is not its element count), AUTOPAR_ERR_MPI, AUTOPAR_ERR_NOMEM. */
+AUTOPAR_API autopar_status autopar_session_read_param(autopar_session *s, const char *name,
+                                                      float *out, int64_t n);
+
+/* Checkpoints. autopar_session_save writes every parameter and optimizer state WHOLE (gathered)
+ * and the step count to `path` (rank 0 writes; the file format: "AUTOPARCKPT1" and 4 NUL
+ * bytes, int64 steps, int64 tensor count, then per tensor uint32 name length, the name,
+ * int64 element count and the float32 values, all little-endian as the host writes them).
+ * autopar_session_load reads such a file on EVERY rank (a path every rank can read) into a
+ * session of the same model under any plan: parameters, optimizer states and the step count
+ * become bit-identical to the saved ones. Both collective. Errors (agreed): AUTOPAR_ERR_IO
+ * (the file cannot be written / read, or is not a checkpoint), AUTOPAR_ERR_PARSE (a tensor of
+ * the session missing from the file or of another size, naming it), AUTOPAR_ERR_NOMEM, and
+ * those of autopar_session_read_param. */
+AUTOPAR_API autopar_status autopar_session_save(autopar_session *s, const char *path);
+AUTOPAR_API autopar_status autopar_session_load(autopar_session *s, const char *path);
+
+/* This rank's world rank, and the world size (-1 / 0 for NULL). Local. */
+AUTOPAR_API int autopar_session_rank(const autopar_session *s);
+AUTOPAR_API int autopar_session_size(const autopar_session *s);
+
+/* Completed steps (0 for NULL). Local. */
+AUTOPAR_API int64_t autopar_session_steps(const autopar_session *s);
+
+/* Model FLOPs of one step (the graph's forward, backward and apply ops, counted once, times
+ * the micro-batches): divide by the step time for the achieved FLOP/s of the job. 0 for NULL.
+ * Local. */
+AUTOPAR_API double autopar_session_flops_per_step(const autopar_session *s);
+
 #ifdef __cplusplus
 }
 #endif

@@ -532,14 +532,18 @@ static ap_status check_tensor(const ap_spmd *s, const autopar_tensor *t, int64_t
     return AUTOPAR_OK;
 }
 
-ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *data, int64_t n) {
-    const char *fn = "ap_spmd_set_input";
+/* Writes the global value of a tensor kept between steps (inputs; with any_leaf also
+ * parameters and optimizer states): each rank keeps its tile. Collective, agreed. */
+static ap_status write_leaf(ap_spmd *s, const autopar_tensor *t, const void *data, int64_t n,
+                            bool any_leaf, const char *fn) {
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
     const ap_node *node = NULL;
     ap_status st = check_tensor(s, t, n, fn, &node);
-    if (!st && node->op != AP_OP_INPUT)
-        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' is a %s, not an input", fn,
-                      node->name, ap_op_name(node->op));
+    if (!st && node->op != AP_OP_INPUT &&
+        !(any_leaf && (node->op == AP_OP_PARAM || node->op == AP_OP_OPT_STATE)))
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' is a %s, not an input%s", fn,
+                      node->name, ap_op_name(node->op),
+                      any_leaf ? ", parameter or optimizer state" : "");
     if (!st && !data && n > 0)
         st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: data for '%s' is NULL", fn, node->name);
     if (!st) {
@@ -560,6 +564,18 @@ ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *dat
         }
     }
     return ap_comm_all_ok(s->world, st);
+}
+
+ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *data, int64_t n) {
+    return write_leaf(s, t, data, n, false, "ap_spmd_set_input");
+}
+
+ap_status ap_spmd_write(ap_spmd *s, const autopar_tensor *t, const void *data, int64_t n) {
+    return write_leaf(s, t, data, n, true, "ap_spmd_write");
+}
+
+void ap_spmd_set_steps(ap_spmd *s, int64_t steps) {
+    if (s && steps >= 0) s->steps = steps;
 }
 
 ap_status ap_spmd_step(ap_spmd *s, double *loss) {

@@ -159,6 +159,16 @@ AP_INTERNAL void ap_spmd_free(ap_spmd *s);
 AP_INTERNAL ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *data,
                                         int64_t n);
 
+/* As ap_spmd_set_input, for inputs, parameters and optimizer states (checkpoint loading):
+ * every rank passes the whole value, each keeps its tile. Collective; errors as
+ * ap_spmd_set_input (agreed). */
+AP_INTERNAL ap_status ap_spmd_write(ap_spmd *s, const autopar_tensor *t, const void *data,
+                                    int64_t n);
+
+/* Sets the number of completed steps (the optimizer's step counter, e.g. AdamW's bias
+ * correction, counts from it). Local; every rank must set the same value. */
+AP_INTERNAL void ap_spmd_set_steps(ap_spmd *s, int64_t steps);
+
 /* One training step: forward, backward, optimizer apply, then every parameter and optimizer
  * state takes its updated value (only when the step succeeded on every rank). *loss (may be
  * NULL) gets the loss before the update, the same on every rank. Collective. Errors (agreed):

@@ -1,9 +1,14 @@
 /*
- * Trains a small GPT-2 style byte-level language model (examples/models.h) on a text file with
- * the single-process CPU executor.
+ * Trains a small GPT-2 style byte-level language model (examples/models.h) on a text file, on as
+ * many MPI ranks as it is started with (one without mpirun):
  *
- *   ./train_gpt [--data FILE] [--layers 2] [--hidden 64] [--heads 4] [--seq 32] [--batch 8]
- *               [--steps 600] [--lr 2e-3] [--seed 42] [--every 50]
+ *   mpirun -np 4 ./train_gpt [--data FILE] [--layers 2] [--hidden 64] [--heads 4] [--seq 32]
+ *               [--batch 8] [--steps 600] [--lr 2e-3] [--seed 42] [--every 50]
+ *               [--cluster FILE.json] [--method auto|shard|dp|zero2]
+ *
+ * autopar_parallelize plans the model for the cluster (the "cpu" preset with one host of
+ * world-size devices, or --cluster FILE.json with world-size devices), rank 0 prints the plan,
+ * and a session trains it; every rank draws the same global batch. Rank 0 prints the progress.
  *
  * The default corpus is examples/data/tiny_corpus.txt. A model that has learned nothing has a
  * loss of ln(256) = 5.545 nats per byte; the final line prints the last loss, a moving average
@@ -32,14 +37,18 @@ typedef struct args {
     int64_t     hidden, seq, batch;
     double      lr;
     uint64_t    seed;
+    const char *cluster;
+    autopar_method method;
 } args;
 
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s [--data FILE] [--layers N] [--hidden N] [--heads N] [--seq N] [--batch N]\n"
-            "          [--steps N] [--lr X] [--seed N] [--every N]\n"
+            "          [--steps N] [--lr X] [--seed N] [--every N] [--cluster FILE.json]\n"
+            "          [--method auto|shard|dp|zero2]\n"
             "defaults: --data %s/examples/data/tiny_corpus.txt --layers 2 --hidden 64 --heads 4\n"
-            "          --seq 32 --batch 8 --steps 600 --lr 2e-3 --seed 42 --every 50\n",
+            "          --seq 32 --batch 8 --steps 600 --lr 2e-3 --seed 42 --every 50\n"
+            "          --method auto, cluster: the \"cpu\" preset with one device per rank\n",
             prog, AUTOPAR_SOURCE_DIR);
 }
 
@@ -55,6 +64,21 @@ static int parse_args(int argc, char **argv, args *a) {
         char *end = NULL;
         if (!strcmp(f, "--data")) {
             a->data = v;
+            continue;
+        }
+        if (!strcmp(f, "--cluster")) {
+            a->cluster = v;
+            continue;
+        }
+        if (!strcmp(f, "--method")) {
+            if (!strcmp(v, "auto")) a->method = AUTOPAR_METHOD_PIPESHARD;
+            else if (!strcmp(v, "shard")) a->method = AUTOPAR_METHOD_SHARD;
+            else if (!strcmp(v, "dp")) a->method = AUTOPAR_METHOD_DATA_PARALLEL;
+            else if (!strcmp(v, "zero2")) a->method = AUTOPAR_METHOD_ZERO2;
+            else {
+                fprintf(stderr, "%s: unknown method '%s'\n", argv[0], v);
+                return 1;
+            }
             continue;
         }
         if (!strcmp(f, "--layers")) a->layers = (int)strtol(v, &end, 10);
@@ -91,9 +115,16 @@ static double now_s(void) {
 int main(int argc, char **argv) {
     args a = {.data = AUTOPAR_SOURCE_DIR "/examples/data/tiny_corpus.txt",
               .layers = 2, .hidden = 64, .heads = 4, .seq = 32, .batch = 8,
-              .steps = 600, .every = 50, .lr = 2e-3, .seed = 42};
+              .steps = 600, .every = 50, .lr = 2e-3, .seed = 42,
+              .method = AUTOPAR_METHOD_PIPESHARD};
+    int rank = 0, size = 1;
+    if (autopar_world(&rank, &size) != AUTOPAR_OK) {
+        fprintf(stderr, "train_gpt: %s\n", autopar_last_error());
+        return 1;
+    }
     if (parse_args(argc, argv, &a)) {
-        usage(argv[0]);
+        if (rank == 0) usage(argv[0]);
+        autopar_finalize();
         return 2;
     }
 
@@ -102,14 +133,18 @@ int main(int argc, char **argv) {
     errno = 0;
     autopar_status s = model_text_load(a.data, &text, &len);
     if (s != AUTOPAR_OK) {
-        fprintf(stderr, "train_gpt: cannot read %s: %s (%s)\n", a.data, autopar_status_str(s),
-                errno ? strerror(errno) : "empty file");
+        /* every rank reads the same file, so every rank stops here */
+        fprintf(stderr, "train_gpt: rank %d: cannot read %s: %s (%s)\n", rank, a.data,
+                autopar_status_str(s), errno ? strerror(errno) : "empty file");
+        autopar_finalize();
         return 1;
     }
 
     int rc = 1;
     autopar_graph *g = NULL;
-    autopar_executor *ex = NULL;
+    autopar_cluster *cl = NULL;
+    autopar_plan *plan = NULL;
+    autopar_session *sess = NULL;
     int32_t *tokens = NULL, *targets = NULL;
 
     gpt_config cfg = {.layers = a.layers, .hidden = a.hidden, .heads = a.heads, .seq = a.seq,
@@ -122,12 +157,44 @@ int main(int argc, char **argv) {
     if (autopar_graph_new(&g) != AUTOPAR_OK) goto fail;
     if (model_gpt_build(g, &cfg, &loss) != AUTOPAR_OK) goto fail;
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
-    if (autopar_executor_new(g, a.seed, AUTOPAR_PRECISION_F32, &ex) != AUTOPAR_OK) goto fail;
 
-    autopar_tensor *ttok = autopar_graph_find(g, "tokens");
-    autopar_tensor *ttgt = autopar_graph_find(g, "targets");
-    if (!ttok || !ttgt) goto fail;
+    if (a.cluster ? autopar_cluster_load(a.cluster, &cl)
+                  : autopar_cluster_preset("cpu", 1, size, &cl)) goto fail;
+    autopar_options o;
+    autopar_options_default(&o);
+    o.method = a.method;
+    if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
+    if (autopar_plan_num_stages(plan) > 1 && a.method == AUTOPAR_METHOD_PIPESHARD) {
+        /* Sessions run single-stage plans so far: keep the automatic sharding, one stage. */
+        if (rank == 0)
+            printf("%s: the automatic plan has %d pipeline stages, which sessions do not run "
+                   "yet; planning with --method shard instead\n", "train_gpt",
+                   autopar_plan_num_stages(plan));
+        autopar_plan_free(plan);
+        plan = NULL;
+        o.method = AUTOPAR_METHOD_SHARD;
+        if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
+    }
+
     const int64_t n = a.batch * a.seq;
+    int64_t n_params = 0;
+    for (int i = 0; i < autopar_graph_size(g); i++) {
+        autopar_tensor *t = autopar_graph_tensor(g, i);
+        if (autopar_tensor_kind(t) == AUTOPAR_KIND_PARAM) n_params += autopar_tensor_numel(t);
+    }
+    if (rank == 0) {
+        printf("train_gpt: %s (%lld bytes), %d rank%s\n", a.data, (long long)len, size,
+               size == 1 ? "" : "s");
+        printf("model: layers %d, hidden %lld, heads %d, seq %lld, vocab %d, batch %lld, "
+               "%lld parameters; AdamW lr %g, %d steps\n",
+               a.layers, (long long)a.hidden, a.heads, (long long)a.seq, MODEL_BYTE_VOCAB,
+               (long long)a.batch, (long long)n_params, a.lr, a.steps);
+        autopar_plan_print(plan, stdout);
+        printf("loss of a uniform guess: ln(256) = %.4f\n", log(256.0));
+        fflush(stdout);
+    }
+    if (autopar_session_new(plan, AUTOPAR_BACKEND_AUTO, a.seed, &sess) != AUTOPAR_OK) goto fail;
+
     tokens = malloc((size_t)n * sizeof *tokens);
     targets = malloc((size_t)n * sizeof *targets);
     if (!tokens || !targets) {
@@ -135,52 +202,47 @@ int main(int argc, char **argv) {
         goto done;
     }
 
-    int64_t n_params = 0;
-    for (int i = 0; i < autopar_graph_size(g); i++) {
-        autopar_tensor *t = autopar_graph_tensor(g, i);
-        if (autopar_tensor_kind(t) == AUTOPAR_KIND_PARAM) n_params += autopar_tensor_numel(t);
-    }
-    printf("train_gpt: %s (%lld bytes)\n", a.data, (long long)len);
-    printf("model: layers %d, hidden %lld, heads %d, seq %lld, vocab %d, batch %lld, "
-           "%lld parameters; AdamW lr %g, %d steps\n",
-           a.layers, (long long)a.hidden, a.heads, (long long)a.seq, MODEL_BYTE_VOCAB,
-           (long long)a.batch, (long long)n_params, a.lr, a.steps);
-    printf("loss of a uniform guess: ln(256) = %.4f\n", log(256.0));
-
     /* Moving average of the loss over the last `window` steps (batches are small and noisy). */
     enum { window = 20 };
     double recent[window] = {0};
     double last = 0.0, avg = 0.0, t_total = 0.0;
     for (int step = 0; step < a.steps; step++) {
         model_text_batch(text, len, a.batch, a.seq, a.seed, step, tokens, targets);
-        if (autopar_executor_write(ex, ttok, tokens, n) != AUTOPAR_OK) goto fail;
-        if (autopar_executor_write(ex, ttgt, targets, n) != AUTOPAR_OK) goto fail;
         double t0 = now_s();
-        if (autopar_executor_step(ex, &last) != AUTOPAR_OK) goto fail;
+        if (autopar_session_write_input(sess, "tokens", tokens, n) != AUTOPAR_OK) goto fail;
+        if (autopar_session_write_input(sess, "targets", targets, n) != AUTOPAR_OK) goto fail;
+        if (autopar_session_step(sess, &last) != AUTOPAR_OK) goto fail;
         t_total += now_s() - t0;
         recent[step % window] = last;
         int k = step + 1 < window ? step + 1 : window;
         avg = 0.0;
         for (int i = 0; i < k; i++) avg += recent[i];
         avg /= k;
-        if (step % a.every == 0 || step + 1 == a.steps)
+        if (rank == 0 && (step % a.every == 0 || step + 1 == a.steps))
             printf("step %5d  loss %.4f  avg %.4f  %.0f tok/s\n", step, last, avg,
                    (double)n * (step + 1) / t_total);
     }
-    printf("final: loss %.4f, mean of last %d steps %.4f (ln 256 = %.4f), %.1f ms/step, "
-           "%.0f tokens/s\n",
-           last, a.steps < window ? a.steps : window, avg, log(256.0), 1e3 * t_total / a.steps,
-           (double)n * a.steps / t_total);
+    if (rank == 0) {
+        double per = t_total / a.steps;
+        printf("final: loss %.4f, mean of last %d steps %.4f (ln 256 = %.4f) on %d rank%s, "
+               "%.1f ms/step, %.0f tokens/s, %.2f GFLOP/s\n",
+               last, a.steps < window ? a.steps : window, avg, log(256.0), size,
+               size == 1 ? "" : "s", 1e3 * per, (double)n / per,
+               autopar_session_flops_per_step(sess) / per * 1e-9);
+    }
     rc = 0;
     goto done;
 
 fail:
-    fprintf(stderr, "train_gpt: error: %s\n", autopar_last_error());
+    fprintf(stderr, "train_gpt: rank %d: error: %s\n", rank, autopar_last_error());
 done:
     free(tokens);
     free(targets);
     free(text);
-    autopar_executor_free(ex);
+    autopar_session_free(sess);
+    autopar_plan_free(plan);
+    autopar_cluster_free(cl);
     autopar_graph_free(g);
+    autopar_finalize();
     return rc;
 }

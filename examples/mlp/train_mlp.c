@@ -1,12 +1,18 @@
 /*
- * Trains the Alpa tutorial MLP (examples/models.h) on a synthetic regression task with the
- * single-process CPU executor.
+ * Trains the Alpa tutorial MLP (examples/models.h) on a synthetic regression task, on as many
+ * MPI ranks as it is started with (one without mpirun):
  *
- *   ./train_mlp [--dim 64] [--batch 256] [--steps 300] [--lr 2e-3] [--seed 42] [--every 25]
+ *   mpirun -np 4 ./train_mlp [--dim 64] [--batch 256] [--steps 300] [--lr 2e-3] [--seed 42]
+ *                            [--every 25] [--cluster FILE.json] [--method auto|shard|dp|zero2]
  *
- * The target is y = x·W + b with a fixed random teacher (W, b); every step draws a fresh x.
- * Prints the loss every --every steps and a final line with the first and last loss and their
- * ratio. Exits 1 on any library error (printing autopar_last_error()), 2 on bad flags.
+ * The graph is built at the (micro-)batch size, autopar_parallelize plans it for the cluster
+ * (the "cpu" preset with one host of world-size devices, or --cluster FILE.json, which must
+ * have world-size devices), rank 0 prints the plan, and a session trains it. The target is
+ * y = x·W + b with a fixed random teacher (W, b); every step draws a fresh x (every rank draws
+ * the same global batch; the session keeps each rank's part). Rank 0 prints the loss every
+ * --every steps and a final line with the first and last loss, their ratio, the step time,
+ * samples/s and the achieved GFLOP/s (model FLOPs of the whole job). Exits 1 on any library
+ * error (printing autopar_last_error()), 2 on bad flags.
  */
 #define _POSIX_C_SOURCE 200809L  /* clock_gettime */
 
@@ -23,12 +29,16 @@ typedef struct args {
     int     steps, every;
     double  lr;
     uint64_t seed;
+    const char *cluster;
+    autopar_method method;
 } args;
 
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s [--dim N] [--batch N] [--steps N] [--lr X] [--seed N] [--every N]\n"
-            "defaults: --dim 64 --batch 256 --steps 300 --lr 2e-3 --seed 42 --every 25\n",
+            "          [--cluster FILE.json] [--method auto|shard|dp|zero2]\n"
+            "defaults: --dim 64 --batch 256 --steps 300 --lr 2e-3 --seed 42 --every 25\n"
+            "          --method auto, cluster: the \"cpu\" preset with one device per rank\n",
             prog);
 }
 
@@ -43,6 +53,21 @@ static int parse_args(int argc, char **argv, args *a) {
         }
         const char *v = argv[++i];
         char *end = NULL;
+        if (!strcmp(f, "--cluster")) {
+            a->cluster = v;
+            continue;
+        }
+        if (!strcmp(f, "--method")) {
+            if (!strcmp(v, "auto")) a->method = AUTOPAR_METHOD_PIPESHARD;
+            else if (!strcmp(v, "shard")) a->method = AUTOPAR_METHOD_SHARD;
+            else if (!strcmp(v, "dp")) a->method = AUTOPAR_METHOD_DATA_PARALLEL;
+            else if (!strcmp(v, "zero2")) a->method = AUTOPAR_METHOD_ZERO2;
+            else {
+                fprintf(stderr, "%s: unknown method '%s'\n", argv[0], v);
+                return 1;
+            }
+            continue;
+        }
         if (!strcmp(f, "--dim")) a->dim = strtoll(v, &end, 10);
         else if (!strcmp(f, "--batch")) a->batch = strtoll(v, &end, 10);
         else if (!strcmp(f, "--steps")) a->steps = (int)strtol(v, &end, 10);
@@ -72,15 +97,24 @@ static double now_s(void) {
 }
 
 int main(int argc, char **argv) {
-    args a = {.dim = 64, .batch = 256, .steps = 300, .every = 25, .lr = 2e-3, .seed = 42};
+    args a = {.dim = 64, .batch = 256, .steps = 300, .every = 25, .lr = 2e-3, .seed = 42,
+              .method = AUTOPAR_METHOD_PIPESHARD};
+    int rank = 0, size = 1;
+    if (autopar_world(&rank, &size) != AUTOPAR_OK) {
+        fprintf(stderr, "train_mlp: %s\n", autopar_last_error());
+        return 1;
+    }
     if (parse_args(argc, argv, &a)) {
-        usage(argv[0]);
+        if (rank == 0) usage(argv[0]);
+        autopar_finalize();
         return 2;
     }
 
     int rc = 1;
     autopar_graph *g = NULL;
-    autopar_executor *ex = NULL;
+    autopar_cluster *cl = NULL;
+    autopar_plan *plan = NULL;
+    autopar_session *sess = NULL;
     float *x = NULL, *y = NULL;
 
     mlp_config cfg = {.batch = a.batch, .dim = a.dim, .mark_layers = 0};
@@ -92,44 +126,73 @@ int main(int argc, char **argv) {
     if (autopar_graph_new(&g) != AUTOPAR_OK) goto fail;
     if (model_mlp_build(g, &cfg, &loss) != AUTOPAR_OK) goto fail;
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
-    if (autopar_executor_new(g, a.seed, AUTOPAR_PRECISION_F32, &ex) != AUTOPAR_OK) goto fail;
 
-    autopar_tensor *tx = autopar_graph_find(g, "x");
-    autopar_tensor *ty = autopar_graph_find(g, "y");
-    if (!tx || !ty) goto fail;
+    /* Plan for the cluster, run on this job. */
+    if (a.cluster ? autopar_cluster_load(a.cluster, &cl)
+                  : autopar_cluster_preset("cpu", 1, size, &cl)) goto fail;
+    autopar_options o;
+    autopar_options_default(&o);
+    o.method = a.method;
+    if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
+    if (autopar_plan_num_stages(plan) > 1 && a.method == AUTOPAR_METHOD_PIPESHARD) {
+        /* Sessions run single-stage plans so far: keep the automatic sharding, one stage. */
+        if (rank == 0)
+            printf("%s: the automatic plan has %d pipeline stages, which sessions do not run "
+                   "yet; planning with --method shard instead\n", "train_mlp",
+                   autopar_plan_num_stages(plan));
+        autopar_plan_free(plan);
+        plan = NULL;
+        o.method = AUTOPAR_METHOD_SHARD;
+        if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
+    }
+    if (rank == 0) {
+        printf("train_mlp: dim %lld, batch %lld, steps %d, AdamW lr %g, seed %llu, %d rank%s\n",
+               (long long)a.dim, (long long)a.batch, a.steps, a.lr, (unsigned long long)a.seed,
+               size, size == 1 ? "" : "s");
+        autopar_plan_print(plan, stdout);
+        fflush(stdout);
+    }
+    if (autopar_session_new(plan, AUTOPAR_BACKEND_AUTO, a.seed, &sess) != AUTOPAR_OK) goto fail;
+
     const int64_t n = a.batch * a.dim;
     x = malloc((size_t)n * sizeof *x);
     y = malloc((size_t)n * sizeof *y);
     if (!x || !y) {
         fprintf(stderr, "train_mlp: out of memory for a batch of %lld floats\n", (long long)n);
-        goto done;
+        goto done;   /* every rank has the same batch size: every rank stops here */
     }
 
-    printf("train_mlp: dim %lld, batch %lld, steps %d, AdamW lr %g, seed %llu\n",
-           (long long)a.dim, (long long)a.batch, a.steps, a.lr, (unsigned long long)a.seed);
     double first = 0.0, last = 0.0, t_step = 0.0;
     for (int step = 0; step < a.steps; step++) {
         model_mlp_batch(&cfg, /*teacher_seed=*/1234, /*batch_seed=*/a.seed, step, x, y);
-        if (autopar_executor_write(ex, tx, x, n) != AUTOPAR_OK) goto fail;
-        if (autopar_executor_write(ex, ty, y, n) != AUTOPAR_OK) goto fail;
         double t0 = now_s();
-        if (autopar_executor_step(ex, &last) != AUTOPAR_OK) goto fail;
+        if (autopar_session_write_input(sess, "x", x, n) != AUTOPAR_OK) goto fail;
+        if (autopar_session_write_input(sess, "y", y, n) != AUTOPAR_OK) goto fail;
+        if (autopar_session_step(sess, &last) != AUTOPAR_OK) goto fail;
         t_step += now_s() - t0;
         if (step == 0) first = last;
-        if (step % a.every == 0 || step + 1 == a.steps)
+        if (rank == 0 && (step % a.every == 0 || step + 1 == a.steps))
             printf("step %5d  loss %.6f\n", step, last);
     }
-    printf("final: loss %.6f -> %.6f (%.1fx lower) in %d steps, %.2f ms/step\n", first, last,
-           last > 0 ? first / last : 0.0, a.steps, 1e3 * t_step / a.steps);
+    if (rank == 0) {
+        double per = t_step / a.steps;
+        printf("final: loss %.6f -> %.6f (%.1fx lower) in %d steps on %d rank%s, %.2f ms/step, "
+               "%.0f samples/s, %.2f GFLOP/s\n", first, last, last > 0 ? first / last : 0.0,
+               a.steps, size, size == 1 ? "" : "s", 1e3 * per, (double)a.batch / per,
+               autopar_session_flops_per_step(sess) / per * 1e-9);
+    }
     rc = 0;
     goto done;
 
 fail:
-    fprintf(stderr, "train_mlp: error: %s\n", autopar_last_error());
+    fprintf(stderr, "train_mlp: rank %d: error: %s\n", rank, autopar_last_error());
 done:
     free(x);
     free(y);
-    autopar_executor_free(ex);
+    autopar_session_free(sess);
+    autopar_plan_free(plan);
+    autopar_cluster_free(cl);
     autopar_graph_free(g);
+    autopar_finalize();
     return rc;
 }

@@ -1,0 +1,429 @@
+/*
+ * Public sessions (include/autopar.h section 8): a plan run on the ranks of an MPI job.
+ *
+ * Today a session runs single-stage, single-micro-batch plans through the SPMD runtime
+ * (runtime/spmd.h): the stage's shard plan covers every node of the plan's graph, its logical
+ * mesh's devices are world ranks. The session keeps its own copy of the plan (rank 0's,
+ * broadcast as JSON), so every rank runs exactly the same plan.
+ *
+ * MPI lifetime: one library-held world communicator (ap_comm_world), reference-counted by
+ * autopar_world (one reference until autopar_finalize) and by every live session. Freeing the
+ * last reference frees the communicator, which finalises MPI when this library initialised it
+ * (comm.h).
+ */
+#include "autopar.h"
+#include "backend.h"
+#include "comm.h"
+#include "internal.h"
+#include "mesh.h"
+#include "plan.h"
+#include "spmd.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct autopar_session {
+    autopar_plan *plan;      /* owned: rank 0's plan                                          */
+    ap_comm      *world;     /* the library world (a reference)                               */
+    ap_comm      *nccl;      /* owned, CUDA backend only                                      */
+    ap_backend   *backend;   /* owned                                                          */
+    ap_mesh      *mesh;      /* owned: stage 0's logical mesh                                 */
+    ap_spmd      *spmd;      /* owned                                                          */
+    double        flops;     /* per step                                                       */
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* The library's world                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+static ap_comm *g_world;
+static int      g_world_refs;
+static bool     g_user_ref;   /* autopar_world holds a reference                                */
+
+static ap_status world_acquire(ap_comm **out) {
+    if (!g_world) {
+        ap_status st = ap_comm_world(&g_world);
+        if (st) {
+            g_world = NULL;
+            return st;
+        }
+    }
+    g_world_refs++;
+    *out = g_world;
+    return AUTOPAR_OK;
+}
+
+static void world_release(void) {
+    if (g_world_refs <= 0) return;
+    if (--g_world_refs == 0) {
+        ap_comm_free(g_world);   /* finalises MPI when ap_comm_world initialised it */
+        g_world = NULL;
+    }
+}
+
+AUTOPAR_API autopar_status autopar_world(int *rank, int *size) {
+    if (!g_user_ref) {
+        ap_comm *w = NULL;
+        ap_status st = world_acquire(&w);
+        if (st) return st;
+        g_user_ref = true;
+    }
+    if (rank) *rank = ap_comm_rank(g_world);
+    if (size) *size = ap_comm_size(g_world);
+    return AUTOPAR_OK;
+}
+
+AUTOPAR_API void autopar_finalize(void) {
+    if (!g_user_ref) return;
+    g_user_ref = false;
+    world_release();
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Creation                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Rank 0's plan, on every rank (through its JSON). Collective; agreed. */
+static ap_status plan_bcast(ap_comm *w, const autopar_plan *mine, autopar_plan **out) {
+    *out = NULL;
+    char *json = NULL;
+    ap_status st = AUTOPAR_OK;
+    int rank = ap_comm_rank(w);
+    if (rank == 0) st = autopar_plan_to_json(mine, &json);
+    if ((st = ap_comm_bcast_error(w, 0, st))) return st;
+    uint64_t len = rank == 0 ? (uint64_t)strlen(json) + 1 : 0;
+    if ((st = ap_comm_broadcast(w, &len, sizeof len, AP_COMM_U8, 0))) {
+        free(json);
+        return st;
+    }
+    if (rank != 0) {
+        json = malloc((size_t)len);
+        if (!json)
+            st = ap_error(AUTOPAR_ERR_NOMEM, "autopar_session_new: no memory for the plan's "
+                          "JSON (%llu bytes)", (unsigned long long)len);
+    }
+    if ((st = ap_comm_all_ok(w, st))) {
+        free(json);
+        return st;
+    }
+    st = ap_comm_broadcast(w, json, (size_t)len, AP_COMM_U8, 0);
+    if (!st) st = autopar_plan_from_json(json, out);
+    free(json);
+    return ap_comm_all_ok(w, st);
+}
+
+static ap_status make_backend(autopar_session *s, autopar_backend_kind kind) {
+    ap_status st = AUTOPAR_OK;
+    ap_backend_kind k = (ap_backend_kind)kind;
+    if (k == AP_BACKEND_AUTO)
+        k = ap_backend_cuda_compiled() && ap_backend_cuda_device_count() > 0 ? AP_BACKEND_CUDA
+                                                                            : AP_BACKEND_CPU;
+    /* Every rank must run the same kind (a rank without a GPU cannot join NCCL). */
+    if ((st = ap_comm_check_same(s->world, (uint64_t)k, "autopar_session_new: backend kind")))
+        return st;
+    int dev = 0;
+    if (k == AP_BACKEND_CUDA) {
+        int n = ap_backend_cuda_device_count();
+        dev = ap_comm_local_device(s->world, n);
+        if (dev < 0)
+            st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "autopar_session_new: rank %d sees no CUDA "
+                          "device", ap_comm_rank(s->world));
+    }
+    if (!st) st = ap_backend_new(k, dev, &s->backend);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    if (k == AP_BACKEND_CUDA) {
+        st = ap_comm_nccl_new(s->world, ap_backend_cuda_ctx(s->backend), &s->nccl);
+        st = ap_comm_all_ok(s->world, st);
+    }
+    return st;
+}
+
+AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
+                                               autopar_backend_kind backend, uint64_t seed,
+                                               autopar_session **out) {
+    const char *fn = "autopar_session_new";
+    if (out) *out = NULL;
+    if (!plan || !out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: %s is NULL", fn,
+                                       !plan ? "plan" : "out");
+    if ((int)backend < 0 || backend >= AUTOPAR_BACKEND_KIND_COUNT)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: bad backend kind %d", fn, (int)backend);
+    autopar_session *s = calloc(1, sizeof *s);
+    if (!s) return ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    ap_status st = world_acquire(&s->world);
+    if (st) {
+        free(s);
+        return st;
+    }
+
+    /* The device count check is local but the same on every rank (same world size, plans for
+     * the same cluster), so a mismatch fails everywhere before any collective: no hang. */
+    const autopar_cluster *cl = plan->cluster;
+    int want = autopar_cluster_hosts(cl) * autopar_cluster_devices_per_host(cl);
+    int have = ap_comm_size(s->world);
+    if (want != have) {
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG,
+                      "%s: the plan is for %d devices (%d hosts x %d) but the MPI world has %d "
+                      "rank%s; run it with mpirun -np %d (rank r runs device r)", fn, want,
+                      autopar_cluster_hosts(cl), autopar_cluster_devices_per_host(cl), have,
+                      have == 1 ? "" : "s", want);
+        goto fail;
+    }
+    if ((st = plan_bcast(s->world, plan, &s->plan))) goto fail;
+    const autopar_plan *p = s->plan;
+    if (p->n_stages != 1 || p->n_micro_batches != 1) {
+        st = ap_error(AUTOPAR_ERR_UNSUPPORTED,
+                      "%s: the plan has %d stage%s and %d micro-batch%s; sessions run plans of "
+                      "one stage and one micro-batch so far (use AUTOPAR_METHOD_SHARD, "
+                      "DATA_PARALLEL or ZERO2, or num_micro_batches = 1)", fn, p->n_stages,
+                      p->n_stages == 1 ? "" : "s", p->n_micro_batches,
+                      p->n_micro_batches == 1 ? "" : "es");
+        goto fail;
+    }
+    const ap_plan_stage *stg = &p->stages[0];
+    if (stg->n_devices != have || !stg->shard) {
+        st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: the plan's only stage uses %d of the %d "
+                      "devices%s", fn, stg->n_devices, have, stg->shard ? "" : " and has no "
+                      "sharding");
+        goto fail;
+    }
+    if ((st = make_backend(s, backend))) goto fail;
+    st = ap_plan_stage_mesh(p, 0, &s->mesh);
+    if ((st = ap_comm_all_ok(s->world, st))) goto fail;
+    ap_spmd_options o;
+    ap_spmd_options_default(&o);
+    o.seed = seed;
+    o.precision = AUTOPAR_PRECISION_F32;
+    if ((st = ap_spmd_new(p->graph, stg->shard, s->mesh, s->backend,
+                          s->nccl ? s->nccl : s->world, &o, &s->spmd)))
+        goto fail;
+    for (int id = 0; id < p->graph->n_nodes; id++)
+        s->flops += ap_node_flops(p->graph, p->graph->nodes[id]);
+    s->flops *= p->n_micro_batches;
+    *out = s;
+    return AUTOPAR_OK;
+fail:
+    autopar_session_free(s);
+    return st;
+}
+
+AUTOPAR_API void autopar_session_free(autopar_session *s) {
+    if (!s) return;
+    ap_spmd_free(s->spmd);
+    ap_mesh_free(s->mesh);
+    ap_comm_free(s->nccl);
+    ap_backend_free(s->backend);
+    autopar_plan_free(s->plan);
+    if (s->world) world_release();
+    free(s);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Steps, inputs, reads                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The node called `name` in the session's graph, or NULL with the error set (local). */
+static const ap_node *find_node(const autopar_session *s, const char *fn, const char *name) {
+    if (!name) {
+        ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: name is NULL", fn);
+        return NULL;
+    }
+    const autopar_tensor *t = autopar_graph_find(s->plan->graph, name);
+    if (!t) {
+        ap_error(AUTOPAR_ERR_NOT_FOUND, "%s: the plan's graph has no tensor '%s'", fn, name);
+        return NULL;
+    }
+    return (const ap_node *)t;
+}
+
+static void shape_str(const ap_shape *sh, char *buf, size_t len) {
+    size_t o = 0;
+    o += (size_t)snprintf(buf + o, len - o, "[");
+    for (int d = 0; d < sh->ndim && o < len; d++)
+        o += (size_t)snprintf(buf + o, len - o, "%s%lld", d ? ", " : "", (long long)sh->dim[d]);
+    if (o < len) snprintf(buf + o, len - o, "]");
+}
+
+AUTOPAR_API autopar_status autopar_session_write_input(autopar_session *s, const char *name,
+                                                       const void *data, int64_t n) {
+    const char *fn = "autopar_session_write_input";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    ap_status st = AUTOPAR_OK;
+    const ap_node *nd = find_node(s, fn, name);
+    if (!nd) st = name ? AUTOPAR_ERR_NOT_FOUND : AUTOPAR_ERR_INVALID_ARG;
+    if (!st && nd->op != AP_OP_INPUT)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: '%s' is not an input of the graph", fn,
+                      name);
+    if (!st && !data) st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: data is NULL", fn);
+    if (!st) {
+        int64_t numel = ap_shape_numel(&nd->shape);
+        int64_t want = numel * s->plan->n_micro_batches;
+        if (n != want) {
+            char sh[96];
+            shape_str(&nd->shape, sh, sizeof sh);
+            st = ap_error(AUTOPAR_ERR_SHAPE,
+                          "%s: input '%s' takes the global batch of a step, %lld elements (%d "
+                          "micro-batch%s x %s), got %lld", fn, name, (long long)want,
+                          s->plan->n_micro_batches, s->plan->n_micro_batches == 1 ? "" : "es",
+                          sh, (long long)n);
+        }
+    }
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    return ap_spmd_set_input(s->spmd, (const autopar_tensor *)nd, data, n);
+}
+
+AUTOPAR_API autopar_status autopar_session_step(autopar_session *s, double *loss) {
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_session_step: session is NULL");
+    return ap_spmd_step(s->spmd, loss);
+}
+
+AUTOPAR_API autopar_status autopar_session_read_param(autopar_session *s, const char *name,
+                                                      float *out, int64_t n) {
+    const char *fn = "autopar_session_read_param";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    ap_status st = AUTOPAR_OK;
+    const ap_node *nd = find_node(s, fn, name);
+    if (!nd) st = name ? AUTOPAR_ERR_NOT_FOUND : AUTOPAR_ERR_INVALID_ARG;
+    if (!st && nd->op != AP_OP_PARAM && nd->op != AP_OP_OPT_STATE)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: '%s' is not a parameter or optimizer state",
+                      fn, name);
+    if (!st && !out) st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: out is NULL", fn);
+    if (!st && n != ap_shape_numel(&nd->shape)) {
+        char sh[96];
+        shape_str(&nd->shape, sh, sizeof sh);
+        st = ap_error(AUTOPAR_ERR_SHAPE, "%s: '%s' %s has %lld elements, got n = %lld", fn, name,
+                      sh, (long long)ap_shape_numel(&nd->shape), (long long)n);
+    }
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    return ap_spmd_read(s->spmd, (const autopar_tensor *)nd, out, n);
+}
+
+AUTOPAR_API int autopar_session_rank(const autopar_session *s) {
+    return s ? ap_comm_rank(s->world) : -1;
+}
+
+AUTOPAR_API int autopar_session_size(const autopar_session *s) {
+    return s ? ap_comm_size(s->world) : 0;
+}
+
+AUTOPAR_API int64_t autopar_session_steps(const autopar_session *s) {
+    return s ? ap_spmd_steps(s->spmd) : 0;
+}
+
+AUTOPAR_API double autopar_session_flops_per_step(const autopar_session *s) {
+    return s ? s->flops : 0.0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Checkpoints                                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+static const char ckpt_magic[16] = "AUTOPARCKPT1";
+
+static bool is_leaf_state(const ap_node *n) {
+    return n->op == AP_OP_PARAM || n->op == AP_OP_OPT_STATE;
+}
+
+AUTOPAR_API autopar_status autopar_session_save(autopar_session *s, const char *path) {
+    const char *fn = "autopar_session_save";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    const autopar_graph *g = s->plan->graph;
+    bool root = ap_comm_rank(s->world) == 0;
+    ap_status st = AUTOPAR_OK;
+    FILE *f = NULL;
+    if (!path) st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: path is NULL", fn);
+    if (!st && root && !(f = fopen(path, "wb")))
+        st = ap_error(AUTOPAR_ERR_IO, "%s: cannot open '%s' for writing", fn, path);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    int64_t count = 0, steps = ap_spmd_steps(s->spmd);
+    for (int id = 0; id < g->n_nodes; id++) count += is_leaf_state(g->nodes[id]);
+    bool io_ok = true;
+    if (root)
+        io_ok = fwrite(ckpt_magic, 1, 16, f) == 16 && fwrite(&steps, 8, 1, f) == 1 &&
+                fwrite(&count, 8, 1, f) == 1;
+    for (int id = 0; id < g->n_nodes && !st; id++) {
+        const ap_node *n = g->nodes[id];
+        if (!is_leaf_state(n)) continue;
+        int64_t numel = ap_shape_numel(&n->shape);
+        float *buf = malloc((size_t)(numel ? numel : 1) * sizeof *buf);
+        st = buf ? AUTOPAR_OK : ap_error(AUTOPAR_ERR_NOMEM, "%s: no memory for '%s'", fn, n->name);
+        if ((st = ap_comm_all_ok(s->world, st))) break;
+        st = ap_spmd_read(s->spmd, (const autopar_tensor *)n, buf, numel);
+        if (!st && root && io_ok) {
+            uint32_t len = (uint32_t)strlen(n->name);
+            io_ok = fwrite(&len, 4, 1, f) == 1 && fwrite(n->name, 1, len, f) == len &&
+                    fwrite(&numel, 8, 1, f) == 1 &&
+                    fwrite(buf, sizeof *buf, (size_t)numel, f) == (size_t)numel;
+        }
+        free(buf);
+    }
+    if (f && fclose(f) != 0) io_ok = false;
+    if (!st && !io_ok) st = ap_error(AUTOPAR_ERR_IO, "%s: writing '%s' failed", fn, path);
+    return ap_comm_all_ok(s->world, st);
+}
+
+AUTOPAR_API autopar_status autopar_session_load(autopar_session *s, const char *path) {
+    const char *fn = "autopar_session_load";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    const autopar_graph *g = s->plan->graph;
+    ap_status st = AUTOPAR_OK;
+    FILE *f = NULL;
+    int64_t steps = 0, count = 0;
+    /* Every rank reads the whole file and keeps, per node id, the values' offset in it. */
+    long *off = calloc((size_t)g->n_nodes + 1, sizeof *off);
+    if (!off) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    if (!st && !path) st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: path is NULL", fn);
+    if (!st && !(f = fopen(path, "rb")))
+        st = ap_error(AUTOPAR_ERR_IO, "%s: cannot open '%s'", fn, path);
+    char magic[16];
+    if (!st && (fread(magic, 1, 16, f) != 16 || memcmp(magic, ckpt_magic, 16) != 0 ||
+                fread(&steps, 8, 1, f) != 1 || fread(&count, 8, 1, f) != 1 || steps < 0 ||
+                count < 0))
+        st = ap_error(AUTOPAR_ERR_IO, "%s: '%s' is not an autopar checkpoint", fn, path);
+    for (int64_t k = 0; !st && k < count; k++) {
+        uint32_t len = 0;
+        char name[AP_MAX_NAME];
+        int64_t numel = 0;
+        if (fread(&len, 4, 1, f) != 1 || len >= AP_MAX_NAME || fread(name, 1, len, f) != len ||
+            fread(&numel, 8, 1, f) != 1 || numel < 0) {
+            st = ap_error(AUTOPAR_ERR_IO, "%s: '%s': truncated or corrupt entry %lld", fn, path,
+                          (long long)k);
+            break;
+        }
+        name[len] = '\0';
+        long here = ftell(f);
+        const ap_node *n = (const ap_node *)autopar_graph_find(g, name);
+        if (!n) autopar_clear_error();   /* a tensor this graph lacks is skipped */
+        if (n && is_leaf_state(n)) {
+            if (numel != ap_shape_numel(&n->shape))
+                st = ap_error(AUTOPAR_ERR_PARSE, "%s: '%s': tensor '%s' has %lld elements in the "
+                              "file, %lld in the session's graph", fn, path, name,
+                              (long long)numel, (long long)ap_shape_numel(&n->shape));
+            else
+                off[n->id] = here;
+        }
+        if (!st && fseek(f, (long)(numel * 4), SEEK_CUR) != 0)
+            st = ap_error(AUTOPAR_ERR_IO, "%s: '%s': truncated at '%s'", fn, path, name);
+    }
+    for (int id = 0; !st && id < g->n_nodes; id++)
+        if (is_leaf_state(g->nodes[id]) && !off[id])
+            st = ap_error(AUTOPAR_ERR_PARSE, "%s: '%s' has no tensor '%s'", fn, path,
+                          g->nodes[id]->name);
+    st = ap_comm_all_ok(s->world, st);
+    for (int id = 0; !st && id < g->n_nodes; id++) {
+        const ap_node *n = g->nodes[id];
+        if (!is_leaf_state(n)) continue;
+        int64_t numel = ap_shape_numel(&n->shape);
+        float *buf = malloc((size_t)(numel ? numel : 1) * sizeof *buf);
+        if (!buf) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: no memory for '%s'", fn, n->name);
+        else if (fseek(f, off[id], SEEK_SET) != 0 ||
+                 fread(buf, sizeof *buf, (size_t)numel, f) != (size_t)numel)
+            st = ap_error(AUTOPAR_ERR_IO, "%s: '%s': cannot read '%s'", fn, path, n->name);
+        if (!(st = ap_comm_all_ok(s->world, st)))
+            st = ap_spmd_write(s->spmd, (const autopar_tensor *)n, buf, numel);
+        free(buf);
+    }
+    if (f) fclose(f);
+    free(off);
+    if (!st) ap_spmd_set_steps(s->spmd, steps);
+    return st;
+}
