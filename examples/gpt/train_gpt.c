@@ -15,9 +15,8 @@
  * over the last steps, and tokens/s. Exits 1 on any library error (printing
  * autopar_last_error()), 2 on bad flags.
  */
-#define _POSIX_C_SOURCE 200809L  /* clock_gettime */
-
 #include "autopar.h"
+#include "example_util.h"
 #include "models.h"
 
 #include <errno.h>
@@ -25,7 +24,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #ifndef AUTOPAR_SOURCE_DIR
 #define AUTOPAR_SOURCE_DIR "."
@@ -71,11 +69,7 @@ static int parse_args(int argc, char **argv, args *a) {
             continue;
         }
         if (!strcmp(f, "--method")) {
-            if (!strcmp(v, "auto")) a->method = AUTOPAR_METHOD_PIPESHARD;
-            else if (!strcmp(v, "shard")) a->method = AUTOPAR_METHOD_SHARD;
-            else if (!strcmp(v, "dp")) a->method = AUTOPAR_METHOD_DATA_PARALLEL;
-            else if (!strcmp(v, "zero2")) a->method = AUTOPAR_METHOD_ZERO2;
-            else {
+            if (example_parse_method(v, &a->method)) {
                 fprintf(stderr, "%s: unknown method '%s'\n", argv[0], v);
                 return 1;
             }
@@ -104,12 +98,6 @@ static int parse_args(int argc, char **argv, args *a) {
         return 1;
     }
     return 0;
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 int main(int argc, char **argv) {
@@ -158,23 +146,7 @@ int main(int argc, char **argv) {
     if (model_gpt_build(g, &cfg, &loss) != AUTOPAR_OK) goto fail;
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
 
-    if (a.cluster ? autopar_cluster_load(a.cluster, &cl)
-                  : autopar_cluster_preset("cpu", 1, size, &cl)) goto fail;
-    autopar_options o;
-    autopar_options_default(&o);
-    o.method = a.method;
-    if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
-    if (autopar_plan_num_stages(plan) > 1 && a.method == AUTOPAR_METHOD_PIPESHARD) {
-        /* Sessions run single-stage plans so far: keep the automatic sharding, one stage. */
-        if (rank == 0)
-            printf("%s: the automatic plan has %d pipeline stages, which sessions do not run "
-                   "yet; planning with --method shard instead\n", "train_gpt",
-                   autopar_plan_num_stages(plan));
-        autopar_plan_free(plan);
-        plan = NULL;
-        o.method = AUTOPAR_METHOD_SHARD;
-        if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
-    }
+    if (example_plan(g, a.cluster, a.method, rank, size, "train_gpt", &cl, &plan)) goto fail;
 
     const int64_t n = a.batch * a.seq;
     int64_t n_params = 0;
@@ -208,11 +180,11 @@ int main(int argc, char **argv) {
     double last = 0.0, avg = 0.0, t_total = 0.0;
     for (int step = 0; step < a.steps; step++) {
         model_text_batch(text, len, a.batch, a.seq, a.seed, step, tokens, targets);
-        double t0 = now_s();
+        double t0 = example_now_s();
         if (autopar_session_write_input(sess, "tokens", tokens, n) != AUTOPAR_OK) goto fail;
         if (autopar_session_write_input(sess, "targets", targets, n) != AUTOPAR_OK) goto fail;
         if (autopar_session_step(sess, &last) != AUTOPAR_OK) goto fail;
-        t_total += now_s() - t0;
+        t_total += example_now_s() - t0;
         recent[step % window] = last;
         int k = step + 1 < window ? step + 1 : window;
         avg = 0.0;

@@ -14,15 +14,13 @@
  * samples/s and the achieved GFLOP/s (model FLOPs of the whole job). Exits 1 on any library
  * error (printing autopar_last_error()), 2 on bad flags.
  */
-#define _POSIX_C_SOURCE 200809L  /* clock_gettime */
-
 #include "autopar.h"
+#include "example_util.h"
 #include "models.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 typedef struct args {
     int64_t dim, batch;
@@ -58,11 +56,7 @@ static int parse_args(int argc, char **argv, args *a) {
             continue;
         }
         if (!strcmp(f, "--method")) {
-            if (!strcmp(v, "auto")) a->method = AUTOPAR_METHOD_PIPESHARD;
-            else if (!strcmp(v, "shard")) a->method = AUTOPAR_METHOD_SHARD;
-            else if (!strcmp(v, "dp")) a->method = AUTOPAR_METHOD_DATA_PARALLEL;
-            else if (!strcmp(v, "zero2")) a->method = AUTOPAR_METHOD_ZERO2;
-            else {
+            if (example_parse_method(v, &a->method)) {
                 fprintf(stderr, "%s: unknown method '%s'\n", argv[0], v);
                 return 1;
             }
@@ -88,12 +82,6 @@ static int parse_args(int argc, char **argv, args *a) {
         return 1;
     }
     return 0;
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 int main(int argc, char **argv) {
@@ -127,24 +115,7 @@ int main(int argc, char **argv) {
     if (model_mlp_build(g, &cfg, &loss) != AUTOPAR_OK) goto fail;
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
 
-    /* Plan for the cluster, run on this job. */
-    if (a.cluster ? autopar_cluster_load(a.cluster, &cl)
-                  : autopar_cluster_preset("cpu", 1, size, &cl)) goto fail;
-    autopar_options o;
-    autopar_options_default(&o);
-    o.method = a.method;
-    if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
-    if (autopar_plan_num_stages(plan) > 1 && a.method == AUTOPAR_METHOD_PIPESHARD) {
-        /* Sessions run single-stage plans so far: keep the automatic sharding, one stage. */
-        if (rank == 0)
-            printf("%s: the automatic plan has %d pipeline stages, which sessions do not run "
-                   "yet; planning with --method shard instead\n", "train_mlp",
-                   autopar_plan_num_stages(plan));
-        autopar_plan_free(plan);
-        plan = NULL;
-        o.method = AUTOPAR_METHOD_SHARD;
-        if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
-    }
+    if (example_plan(g, a.cluster, a.method, rank, size, "train_mlp", &cl, &plan)) goto fail;
     if (rank == 0) {
         printf("train_mlp: dim %lld, batch %lld, steps %d, AdamW lr %g, seed %llu, %d rank%s\n",
                (long long)a.dim, (long long)a.batch, a.steps, a.lr, (unsigned long long)a.seed,
@@ -165,11 +136,11 @@ int main(int argc, char **argv) {
     double first = 0.0, last = 0.0, t_step = 0.0;
     for (int step = 0; step < a.steps; step++) {
         model_mlp_batch(&cfg, /*teacher_seed=*/1234, /*batch_seed=*/a.seed, step, x, y);
-        double t0 = now_s();
+        double t0 = example_now_s();
         if (autopar_session_write_input(sess, "x", x, n) != AUTOPAR_OK) goto fail;
         if (autopar_session_write_input(sess, "y", y, n) != AUTOPAR_OK) goto fail;
         if (autopar_session_step(sess, &last) != AUTOPAR_OK) goto fail;
-        t_step += now_s() - t0;
+        t_step += example_now_s() - t0;
         if (step == 0) first = last;
         if (rank == 0 && (step % a.every == 0 || step + 1 == a.steps))
             printf("step %5d  loss %.6f\n", step, last);

@@ -1,0 +1,22 @@
+/* Pieces shared by the example programs: flag values, timing, and planning for the job. */
+#ifndef AUTOPAR_EXAMPLE_UTIL_H
+#define AUTOPAR_EXAMPLE_UTIL_H
+
+#include "autopar.h"
+
+/* Monotonic wall-clock time in seconds. */
+double example_now_s(void);
+
+/* Parses a --method value ("auto", "shard", "dp", "zero2"); returns 0 on success. */
+int example_parse_method(const char *text, autopar_method *out);
+
+/* Plans training graph g for this job: the cluster is read from cluster_path, or is the "cpu"
+ * preset with one host of `size` devices; autopar_parallelize with `method`. Sessions run
+ * single-stage plans only, so an automatic plan with several pipeline stages is replaced by the
+ * best single-stage (shard) plan, saying so on rank 0. On success *cl and *plan belong to the
+ * caller; on failure both are NULL and autopar_last_error() says why. */
+autopar_status example_plan(const autopar_graph *g, const char *cluster_path,
+                            autopar_method method, int rank, int size, const char *prog,
+                            autopar_cluster **cl, autopar_plan **plan);
+
+#endif
