@@ -680,9 +680,15 @@ AUTOPAR_API autopar_status autopar_plan_stage_sharding_json(const autopar_plan *
  * global batch: each keeps the part its shards need. Inputs without a batch dim (d = -1) take
  * numel(S) elements, the same for every micro-batch.
  *
- * Current limits: plans of one stage with one micro-batch (B = 1). A plan with several stages
- * or micro-batches is refused by autopar_session_new with AUTOPAR_ERR_UNSUPPORTED (the
- * message says so); AUTOPAR_METHOD_SHARD, DATA_PARALLEL and ZERO2 always give one stage.
+ * Micro-batches (B > 1) on a one-stage plan: a step runs forward and backward once per
+ * micro-batch, accumulates the gradients and applies the optimizer once on their mean (the
+ * gradient of the mean loss over the global batch); the loss returned is the mean of the B
+ * micro-batch losses. Gradient sums the plan finishes in place are deferred to run once per
+ * step on the accumulated gradients.
+ * Current limits: plans of one stage. A plan with several stages is refused by
+ * autopar_session_new with AUTOPAR_ERR_UNSUPPORTED (the message says so);
+ * AUTOPAR_METHOD_SHARD, DATA_PARALLEL and ZERO2 always give one stage. With B > 1 every input
+ * takes B x numel(S) elements (inputs without a batch dim too, for now).
  */
 
 /* Backends (the same order as the runtime's). AUTO: CUDA when this build has it and the rank
@@ -775,6 +781,31 @@ AUTOPAR_API int64_t autopar_session_steps(const autopar_session *s);
  * the micro-batches): divide by the step time for the achieved FLOP/s of the job. 0 for NULL.
  * Local. */
 AUTOPAR_API double autopar_session_flops_per_step(const autopar_session *s);
+
+/* ------------------------------------------------------------------------------------------ */
+/* 9. Session statistics (timers)                                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* This rank's cumulative timers over the successful autopar_session_step calls so far
+ * (CLOCK_MONOTONIC, seconds). kernel_seconds: local kernels (and backend synchronisation);
+ * comm_seconds: collective calls, including waiting for slower peers; overhead_seconds: the rest
+ * of step_seconds (error agreements, loss download, update commits, dispatch). Write-input time
+ * is not included. Local (not collective); costs two clock reads per program instruction. */
+typedef struct autopar_session_stats {
+    int64_t steps;               /* steps timed                                                */
+    double  step_seconds;
+    double  kernel_seconds;
+    double  comm_seconds;
+    double  overhead_seconds;    /* step - kernel - comm (>= 0)                                */
+    double  predicted_peak_bytes;   /* this rank's memory plan                                */
+    double  measured_peak_bytes;    /* this rank's live backend allocations, at most           */
+    int     n_collectives;       /* per step                                                   */
+    double  coll_bytes;          /* bytes this rank sends + receives per step                  */
+} autopar_session_stats;
+
+/* Writes s's statistics. Errors: AUTOPAR_ERR_INVALID_ARG (NULL). */
+AUTOPAR_API autopar_status autopar_session_stats_get(const autopar_session *s,
+                                                     autopar_session_stats *out);
 
 #ifdef __cplusplus
 }

@@ -1,10 +1,15 @@
 /*
  * Public sessions (include/autopar.h section 8): a plan run on the ranks of an MPI job.
  *
- * Today a session runs single-stage, single-micro-batch plans through the SPMD runtime
+ * Today a session runs single-stage plans through the SPMD runtime
  * (runtime/spmd.h): the stage's shard plan covers every node of the plan's graph, its logical
  * mesh's devices are world ranks. The session keeps its own copy of the plan (rank 0's,
  * broadcast as JSON), so every rank runs exactly the same plan.
+ * With B > 1 micro-batches the session keeps the global batch of every input written (B
+ * micro-batches stacked along the leading dim) and a step is ap_spmd_step_accum: forward and
+ * backward per micro-batch (its rows fed to the SPMD runtime), gradients accumulated, the
+ * optimizer applied once on their mean (spmd.h). Plans of more than one stage are refused
+ * (AUTOPAR_ERR_UNSUPPORTED).
  *
  * MPI lifetime: one library-held world communicator (ap_comm_world), reference-counted by
  * autopar_world (one reference until autopar_finalize) and by every live session. Freeing the
@@ -30,6 +35,9 @@ struct autopar_session {
     ap_mesh      *mesh;      /* owned: stage 0's logical mesh                                 */
     ap_spmd      *spmd;      /* owned                                                          */
     double        flops;     /* per step                                                       */
+    /* B > 1 micro-batches: per node id, the global batch last written to an input (n x B
+     * elements of 4 bytes), fed to the SPMD runtime one micro-batch at a time by the step. */
+    void        **batch;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -170,14 +178,18 @@ AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
     }
     if ((st = plan_bcast(s->world, plan, &s->plan))) goto fail;
     const autopar_plan *p = s->plan;
-    if (p->n_stages != 1 || p->n_micro_batches != 1) {
+    if (p->n_stages != 1 || p->n_micro_batches < 1) {
         st = ap_error(AUTOPAR_ERR_UNSUPPORTED,
                       "%s: the plan has %d stage%s and %d micro-batch%s; sessions run plans of "
-                      "one stage and one micro-batch so far (use AUTOPAR_METHOD_SHARD, "
-                      "DATA_PARALLEL or ZERO2, or num_micro_batches = 1)", fn, p->n_stages,
-                      p->n_stages == 1 ? "" : "s", p->n_micro_batches,
+                      "one stage so far (use AUTOPAR_METHOD_SHARD, DATA_PARALLEL or ZERO2)", fn,
+                      p->n_stages, p->n_stages == 1 ? "" : "s", p->n_micro_batches,
                       p->n_micro_batches == 1 ? "" : "es");
         goto fail;
+    }
+    if (p->n_micro_batches > 1) {
+        s->batch = calloc((size_t)p->graph->n_nodes + 1, sizeof *s->batch);
+        if (!s->batch) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+        if ((st = ap_comm_all_ok(s->world, st))) goto fail;
     }
     const ap_plan_stage *stg = &p->stages[0];
     if (stg->n_devices != have || !stg->shard) {
@@ -209,6 +221,9 @@ fail:
 AUTOPAR_API void autopar_session_free(autopar_session *s) {
     if (!s) return;
     ap_spmd_free(s->spmd);
+    if (s->batch && s->plan)
+        for (int id = 0; id < s->plan->graph->n_nodes; id++) free(s->batch[id]);
+    free(s->batch);
     ap_mesh_free(s->mesh);
     ap_comm_free(s->nccl);
     ap_backend_free(s->backend);
@@ -268,12 +283,39 @@ AUTOPAR_API autopar_status autopar_session_write_input(autopar_session *s, const
         }
     }
     if ((st = ap_comm_all_ok(s->world, st))) return st;
-    return ap_spmd_set_input(s->spmd, (const autopar_tensor *)nd, data, n);
+    if (!s->batch) return ap_spmd_set_input(s->spmd, (const autopar_tensor *)nd, data, n);
+    /* Micro-batches: the global batch is kept (local) and fed slice by slice by the step. */
+    void *copy = malloc((size_t)n * 4);
+    if (!copy)
+        st = ap_error(AUTOPAR_ERR_NOMEM, "%s: no memory for the global batch of '%s'", fn, name);
+    else {
+        memcpy(copy, data, (size_t)n * 4);
+        free(s->batch[nd->id]);
+        s->batch[nd->id] = copy;
+    }
+    return ap_comm_all_ok(s->world, st);
+}
+
+/* Feeds micro-batch k: every input written so far gets rows [k m, (k + 1) m) of its global
+ * batch (B micro-batches stacked along the leading dim: a contiguous slice). Collective. */
+static ap_status feed_micro(void *ctx, int k) {
+    autopar_session *s = ctx;
+    const autopar_graph *g = s->plan->graph;
+    ap_status st = AUTOPAR_OK;
+    for (int id = 0; id < g->n_nodes && !st; id++) {
+        if (!s->batch[id]) continue;   /* the same on every rank: written collectively */
+        const ap_node *nd = g->nodes[id];
+        int64_t m = ap_shape_numel(&nd->shape);
+        st = ap_spmd_set_input(s->spmd, (const autopar_tensor *)nd,
+                               (const char *)s->batch[id] + (size_t)(k * m) * 4, m);
+    }
+    return st;
 }
 
 AUTOPAR_API autopar_status autopar_session_step(autopar_session *s, double *loss) {
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_session_step: session is NULL");
-    return ap_spmd_step(s->spmd, loss);
+    if (!s->batch) return ap_spmd_step(s->spmd, loss);
+    return ap_spmd_step_accum(s->spmd, s->plan->n_micro_batches, feed_micro, s, loss);
 }
 
 AUTOPAR_API autopar_status autopar_session_read_param(autopar_session *s, const char *name,
@@ -426,4 +468,26 @@ AUTOPAR_API autopar_status autopar_session_load(autopar_session *s, const char *
     free(off);
     if (!st) ap_spmd_set_steps(s->spmd, steps);
     return st;
+}
+
+/* Section 9 of autopar.h: this rank's timers and memory figures from the SPMD runtime. */
+AUTOPAR_API autopar_status autopar_session_stats_get(const autopar_session *s,
+                                                     autopar_session_stats *out) {
+    if (!s || !out)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_session_stats_get: %s is NULL",
+                        !s ? "session" : "out");
+    ap_spmd_stats st;
+    ap_spmd_get_stats(s->spmd, &st);
+    memset(out, 0, sizeof *out);
+    out->steps = st.timed_steps;
+    out->step_seconds = st.step_seconds;
+    out->kernel_seconds = st.kernel_seconds;
+    out->comm_seconds = st.comm_seconds;
+    double rest = st.step_seconds - st.kernel_seconds - st.comm_seconds;
+    out->overhead_seconds = rest > 0 ? rest : 0.0;
+    out->predicted_peak_bytes = (double)st.predicted_peak;
+    out->measured_peak_bytes = (double)st.measured_peak;
+    out->n_collectives = st.n_collectives;
+    out->coll_bytes = st.coll_bytes;
+    return AUTOPAR_OK;
 }

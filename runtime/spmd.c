@@ -2,11 +2,13 @@
  * SPMD sessions (spmd.h): communicators, buffers, parameter initialisation, inputs, the step,
  * reads, error agreement. The program itself is built by spmd_lower.c.
  */
+#define _POSIX_C_SOURCE 200809L  /* clock_gettime (step timers) */
 #include "spmd_internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct ap_spmd {
     const autopar_graph *g;
@@ -30,6 +32,17 @@ struct ap_spmd {
     int64_t              steps;
     size_t               cur_bytes, peak_bytes, persistent_bytes;
     double               plan_peak;
+    /* Gradient accumulation (ap_spmd_step_accum), set up on its first use. */
+    int                  split;         /* first instruction of the apply part; -1 not yet     */
+    int                  n_carry;
+    int                 *carry;         /* transient values crossing the split                */
+    size_t              *carry_off;     /* their offsets in acc                               */
+    ap_buffer            acc;           /* the accumulators                                   */
+    bool                *defer;         /* per instruction: a sum deferred past the micro part */
+    int                  n_defer;
+    /* Cumulative timers over the steps (ap_spmd_get_stats; CLOCK_MONOTONIC, see spmd.h). */
+    double               t_step, t_kernel, t_coll;
+    int64_t              timed_steps;
 };
 
 void ap_spmd_options_default(ap_spmd_options *o) {
@@ -78,6 +91,12 @@ static void *val_ptr(const sp_prog *p, const ap_buffer *arena, ap_buffer *const 
     return b->data ? (char *)b->data + off : NULL;
 }
 
+static double sp_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static const char *what_of(const ap_spmd *s, const sp_ins *in, char *buf, size_t len) {
     const ap_node *v = s->g->nodes[in->node];
     if (in->operand >= 0 && in->operand < v->n_src)
@@ -95,14 +114,18 @@ static const char *what_of(const ap_spmd *s, const sp_ins *in, char *buf, size_t
 /* Runs every instruction. After a local failure the rank skips its remaining kernels but still
  * takes part in every collective (with whatever data), so that the other ranks finish and the
  * caller's agreement reports the failure everywhere. Returns the first failure. */
-static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
-                          ap_buffer *const *pers, int64_t step_no) {
+/* Runs instructions [begin, end) except those marked in skip (may be NULL). */
+static ap_status run_range(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
+                           ap_buffer *const *pers, int64_t step_no, int begin, int end,
+                           const bool *skip) {
     ap_status first = AUTOPAR_OK;
     char first_msg[1024] = "";
-    for (int i = 0; i < p->n_ins; i++) {
+    for (int i = begin; i < end; i++) {
         const sp_ins *in = &p->ins[i];
+        if (skip && skip[i]) continue;
         if (first && in->kind != SP_COLL) continue;
         ap_status st = AUTOPAR_OK;
+        double t_in = sp_now();
         switch (in->kind) {
         case SP_KERNEL: {
             ap_kernel_call call = in->call;
@@ -139,6 +162,8 @@ static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
             break;
         }
         }
+        if (in->kind == SP_COLL) s->t_coll += sp_now() - t_in;
+        else s->t_kernel += sp_now() - t_in;
         if (st && !first) {
             char w[256];
             first = st;
@@ -146,7 +171,9 @@ static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
                      (long long)step_no, what_of(s, in, w, sizeof w), i, autopar_last_error());
         }
     }
+    double t_sync = sp_now();
     ap_status sy = ap_backend_synchronize(s->b);
+    s->t_kernel += sp_now() - t_sync;
     if (!first && sy) {
         first = sy;
         snprintf(first_msg, sizeof first_msg, "step %lld: %s", (long long)step_no,
@@ -154,6 +181,11 @@ static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
     }
     if (first) (void)ap_error(first, "%s", first_msg);
     return first;
+}
+
+static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
+                          ap_buffer *const *pers, int64_t step_no) {
+    return run_range(s, p, arena, pers, step_no, 0, p->n_ins, NULL);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -454,6 +486,7 @@ ap_status ap_spmd_new(const autopar_graph *g, const ap_shard_plan *plan, const a
         s->seed = o.seed;
         s->device_reads = o.device_reads;
         s->loss_val = -1;
+        s->split = -1;
         s->plan_peak = plan->peak_memory;
         s->mesh = *mesh;
         s->mesh.devices = malloc(sizeof(int) * (size_t)mesh->n_devices);
@@ -500,6 +533,10 @@ void ap_spmd_free(ap_spmd *s) {
     if (s->pbuf)
         for (int v = 0; v < s->prog.n_val; v++) sp_release(s, &s->pbuf[v]);
     sp_release(s, &s->arena);
+    sp_release(s, &s->acc);
+    free(s->carry);
+    free(s->carry_off);
+    free(s->defer);
     for (int a = 0; a < AP_AXIS_COUNT; a++) ap_comm_free(s->comm[a]);
     free(s->pbuf);
     free((void *)s->pers);
@@ -578,13 +615,9 @@ void ap_spmd_set_steps(ap_spmd *s, int64_t steps) {
     if (s && steps >= 0) s->steps = steps;
 }
 
-ap_status ap_spmd_step(ap_spmd *s, double *loss) {
-    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_step: session is NULL");
-    ap_status st = AUTOPAR_OK;
-    if (s->g->loss < 0 || !s->g->has_optimizer)
-        st = ap_error(AUTOPAR_ERR_GRAPH, "ap_spmd_step: the graph has no backward pass or no "
-                      "optimizer (call autopar_build_training)");
-    if (!st) st = run_prog(s, &s->prog, &s->arena, s->pers, s->steps + 1);
+/* The end of a step whose program ran (status st, local): the loss downloaded, the agreement,
+ * then (on success everywhere) the updates committed over their leaves. */
+static ap_status finish_step(ap_spmd *s, ap_status st, double *loss) {
     double lv = 0.0;
     if (!st && s->loss_val >= 0) {
         size_t off;
@@ -614,6 +647,234 @@ ap_status ap_spmd_step(ap_spmd *s, double *loss) {
     s->steps++;
     if (loss) *loss = lv;
     return AUTOPAR_OK;
+}
+
+static ap_status check_trainable(const ap_spmd *s, const char *fn) {
+    if (s->g->loss < 0 || !s->g->has_optimizer)
+        return ap_error(AUTOPAR_ERR_GRAPH, "%s: the graph has no backward pass or no optimizer "
+                        "(call autopar_build_training)", fn);
+    return AUTOPAR_OK;
+}
+
+ap_status ap_spmd_step(ap_spmd *s, double *loss) {
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_step: session is NULL");
+    ap_status st = check_trainable(s, "ap_spmd_step");
+    double t_begin = sp_now();
+    if (!st) st = run_prog(s, &s->prog, &s->arena, s->pers, s->steps + 1);
+    st = finish_step(s, st, loss);
+    if (!st) {  /* step timers (spmd.h: ap_spmd_stats.step_seconds) */
+        s->t_step += sp_now() - t_begin;
+        s->timed_steps++;
+    }
+    return st;
+}
+
+/* Finds the split of the step program (first instruction of an APPLY-phase node; everything
+ * after it must be APPLY nodes or the loss read) and the transient values crossing it (written
+ * before, read at or after it, plus the loss value), and allocates their accumulators. Local. */
+static ap_status setup_accum(ap_spmd *s) {
+    const char *fn = "ap_spmd_step_accum";
+    const sp_prog *p = &s->prog;
+    const autopar_graph *g = s->g;
+    int split = p->n_ins;
+    for (int i = 0; i < p->n_ins; i++)
+        if (g->nodes[p->ins[i].node]->phase == AUTOPAR_PHASE_APPLY) {
+            split = i;
+            break;
+        }
+    for (int i = split; i < p->n_ins; i++) {
+        const sp_ins *in = &p->ins[i];
+        if (g->nodes[in->node]->phase != AUTOPAR_PHASE_APPLY && in->operand != -2)
+            return ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: node '%s' (%s phase) runs after the "
+                            "optimizer began; gradients cannot be accumulated", fn,
+                            g->nodes[in->node]->name, ap_phase_name(g->nodes[in->node]->phase));
+    }
+    /* written[v]: the value is written before the split */
+    bool *written = calloc((size_t)p->n_val + 1, sizeof *written);
+    bool *carried = calloc((size_t)p->n_val + 1, sizeof *carried);
+    ap_status st = AUTOPAR_OK;
+    if (!written || !carried) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    for (int i = 0; !st && i < split; i++) {
+        const sp_ins *in = &p->ins[i];
+        int w = in->kind == SP_COLL ? in->recv : in->out;
+        if (w >= 0) written[w] = true;
+    }
+    for (int i = split; !st && i < p->n_ins; i++) {
+        const sp_ins *in = &p->ins[i];
+        int rd[AP_MAX_SRC + 1], nr = 0;
+        if (in->kind == SP_KERNEL)
+            for (int k = 0; k < in->call.n_src; k++) rd[nr++] = in->src[k];
+        else if (in->kind == SP_COLL)
+            rd[nr++] = in->send;
+        for (int k = 0; k < nr; k++)
+            if (rd[k] >= 0 && written[rd[k]] && !p->val[rd[k]].persistent) carried[rd[k]] = true;
+    }
+    if (!st && s->loss_val >= 0 && written[s->loss_val] && !p->val[s->loss_val].persistent)
+        carried[s->loss_val] = true;
+    int n = 0;
+    size_t total = 0;
+    for (int v = 0; !st && v < p->n_val; v++) {
+        if (!carried[v]) continue;
+        int node = p->val[v].node;
+        if (node < 0 || g->nodes[node]->dtype != AUTOPAR_F32)
+            st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: value v%d ('%s') crosses into the "
+                          "optimizer and is not a float tensor", fn, v,
+                          node >= 0 ? g->nodes[node]->name : "?");
+        n++;
+        total += (p->val[v].bytes + SP_ALIGN - 1) / SP_ALIGN * SP_ALIGN;
+    }
+    if (!st) {   /* a failed earlier setup may have left some of these */
+        free(s->carry);
+        free(s->carry_off);
+        free(s->defer);
+        s->defer = NULL;
+        s->n_defer = 0;
+        sp_release(s, &s->acc);
+        s->carry = malloc(sizeof(int) * (size_t)(n ? n : 1));
+        s->carry_off = malloc(sizeof(size_t) * (size_t)(n ? n : 1));
+        if (!s->carry || !s->carry_off) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    }
+    if (!st && total) st = sp_alloc(s, total, "gradient accumulators", &s->acc);
+    if (!st) {
+        size_t off = 0;
+        s->n_carry = 0;
+        for (int v = 0; v < p->n_val; v++) {
+            if (!carried[v]) continue;
+            s->carry[s->n_carry] = v;
+            s->carry_off[s->n_carry++] = off;
+            off += (p->val[v].bytes + SP_ALIGN - 1) / SP_ALIGN * SP_ALIGN;
+        }
+    }
+    /* In-place all-reduces of crossing values that nothing else in the micro part touches
+     * afterwards (a gradient's pending sum finished by its own node) are deferred: a sum is
+     * linear, so the accumulators take the partial values and the sum runs once per step. */
+    if (!st && !(s->defer = calloc((size_t)p->n_ins + 1, sizeof *s->defer)))
+        st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    for (int i = 0; !st && i < split; i++) {
+        const sp_ins *in = &p->ins[i];
+        if (in->kind != SP_COLL || in->coll != AP_COLL_ALL_REDUCE || in->send != in->recv ||
+            in->recv < 0 || !carried[in->recv])
+            continue;
+        int v = in->recv;
+        bool touched = false;
+        for (int j = i + 1; j < split && !touched; j++) {
+            const sp_ins *o = &p->ins[j];
+            if (o->kind == SP_KERNEL) {
+                touched = o->out == v;
+                for (int k = 0; k < o->call.n_src; k++) touched = touched || o->src[k] == v;
+            } else if (o->kind == SP_COLL) {
+                touched = o->send == v || o->recv == v;
+            } else {
+                touched = o->out == v;
+            }
+        }
+        if (!touched) {
+            s->defer[i] = true;
+            s->n_defer++;
+        }
+    }
+    if (!st) s->split = split;
+    free(written);
+    free(carried);
+    return st;
+}
+
+/* One elementwise kernel over n elements: out = a + b (ADD) or out = a * f (SCALE). */
+static ap_status flat_kernel(ap_spmd *s, ap_op op, void *out, const void *a, const void *b,
+                             int64_t n, double f, const char *name) {
+    ap_kernel_call call;
+    memset(&call, 0, sizeof call);
+    call.op = op;
+    call.precision = s->precision;
+    call.out_shape.ndim = 1;
+    call.out_shape.dim[0] = n;
+    call.out_dtype = AUTOPAR_F32;
+    call.n_src = op == AP_OP_ADD ? 2 : 1;
+    for (int k = 0; k < call.n_src; k++) {
+        call.src_shape[k] = call.out_shape;
+        call.src_dtype[k] = AUTOPAR_F32;
+    }
+    call.src[0] = a;
+    call.src[1] = b;
+    call.attrs.f[0] = f;
+    call.out = out;
+    call.step = 1;
+    call.name = name;
+    return ap_backend_run(s->b, &call);
+}
+
+/* After micro-batch k: accumulators get (k == 0) or add (k > 0) the carried values. Local. */
+static ap_status accumulate(ap_spmd *s, int k) {
+    ap_status st = AUTOPAR_OK;
+    for (int c = 0; c < s->n_carry && !st; c++) {
+        int v = s->carry[c];
+        size_t bytes = s->prog.val[v].bytes;
+        if (!bytes) continue;
+        const char *name = s->g->nodes[s->prog.val[v].node]->name;
+        size_t off;
+        const ap_buffer *b = val_buf(&s->prog, &s->arena, s->pers, v, &off);
+        if (k == 0) {
+            st = ap_backend_copy(s->b, &s->acc, s->carry_off[c], b, off, bytes, name);
+        } else {
+            char *acc = (char *)s->acc.data + s->carry_off[c];
+            st = flat_kernel(s, AP_OP_ADD, acc, acc, (char *)b->data + off,
+                             (int64_t)(bytes / ap_elem_size(AUTOPAR_F32, s->precision)), 0.0,
+                             name);
+        }
+    }
+    return st;
+}
+
+/* Before the apply part: every carried value = its accumulator / B. Local. */
+static ap_status restore_mean(ap_spmd *s, int n_micro) {
+    ap_status st = AUTOPAR_OK;
+    for (int c = 0; c < s->n_carry && !st; c++) {
+        int v = s->carry[c];
+        size_t bytes = s->prog.val[v].bytes;
+        if (!bytes) continue;
+        size_t off;
+        const ap_buffer *b = val_buf(&s->prog, &s->arena, s->pers, v, &off);
+        st = flat_kernel(s, AP_OP_SCALE, (char *)b->data + off,
+                         (char *)s->acc.data + s->carry_off[c], NULL,
+                         (int64_t)(bytes / ap_elem_size(AUTOPAR_F32, s->precision)),
+                         1.0 / n_micro, s->g->nodes[s->prog.val[v].node]->name);
+    }
+    return st;
+}
+
+ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_fn feed, void *ctx,
+                             double *loss) {
+    const char *fn = "ap_spmd_step_accum";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    ap_status st = AUTOPAR_OK;
+    if (n_micro < 1 || !feed)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: %s", fn,
+                      n_micro < 1 ? "fewer than one micro-batch" : "feed is NULL");
+    if (!st) st = check_trainable(s, fn);
+    if (!st && s->split < 0) st = setup_accum(s);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    int64_t step_no = s->steps + 1;
+    double t_begin = sp_now();
+    for (int k = 0; k < n_micro; k++) {
+        if ((st = feed(ctx, k))) return st;   /* collective and agreed by contract */
+        st = run_range(s, &s->prog, &s->arena, s->pers, step_no, 0, s->split, s->defer);
+        if (!st) st = accumulate(s, k);
+        if (!st) st = ap_backend_synchronize(s->b);
+        if ((st = ap_comm_all_ok(s->world, st))) return st;
+    }
+    st = restore_mean(s, n_micro);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    /* The deferred sums (gradient synchronisation), once, on the accumulated values. */
+    for (int i = 0; i < s->split && !st; i++)
+        if (s->defer[i]) st = run_range(s, &s->prog, &s->arena, s->pers, step_no, i, i + 1, NULL);
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    st = run_range(s, &s->prog, &s->arena, s->pers, step_no, s->split, s->prog.n_ins, NULL);
+    st = finish_step(s, st, loss);
+    if (!st) {  /* step timers, as ap_spmd_step (feeding the micro-batches included) */
+        s->t_step += sp_now() - t_begin;
+        s->timed_steps++;
+    }
+    return st;
 }
 
 int64_t ap_spmd_steps(const ap_spmd *s) { return s ? s->steps : 0; }
@@ -740,6 +1001,10 @@ void ap_spmd_get_stats(const ap_spmd *s, ap_spmd_stats *st) {
     st->n_deviations = s->prog.n_note;
     st->n_route_plan = s->prog.n_route_plan;
     st->n_route_fresh = s->prog.n_route_fresh;
+    st->timed_steps = s->timed_steps;
+    st->step_seconds = s->t_step;
+    st->kernel_seconds = s->t_kernel;
+    st->comm_seconds = s->t_coll;
     for (int i = 0; i < s->prog.n_ins; i++) {
         const sp_ins *in = &s->prog.ins[i];
         if (in->kind == SP_KERNEL) st->n_kernels++;

@@ -125,6 +125,14 @@ typedef struct ap_spmd_stats {
     int     n_deviations;          /* operand layouts that differ from the plan (listed by print) */
     int     n_route_plan;          /* reshardings executed along the plan's listed collectives  */
     int     n_route_fresh;         /* reshardings whose route came from ap_reshard_cost here    */
+    /* Timers (CLOCK_MONOTONIC), accumulated over every ap_spmd_step since ap_spmd_new (the step
+     * program only: reads run their own programs, which count into kernel/comm seconds too).
+     * step_seconds: whole ap_spmd_step calls that succeeded; kernel_seconds: kernel, zero-fill
+     * and backend-synchronize instructions; comm_seconds: collective calls (including the wait
+     * for slower peers). The rest of step_seconds is runtime overhead (agreements, loss
+     * download, update commits, dispatch). Two clock reads per instruction. */
+    int64_t timed_steps;
+    double  step_seconds, kernel_seconds, comm_seconds;
 } ap_spmd_stats;
 
 /*
@@ -174,6 +182,30 @@ AP_INTERNAL void ap_spmd_set_steps(ap_spmd *s, int64_t steps);
  * NULL) gets the loss before the update, the same on every rank. Collective. Errors (agreed):
  * whatever a kernel or collective reports, prefixed with the failing rank. */
 AP_INTERNAL ap_status ap_spmd_step(ap_spmd *s, double *loss);
+
+/* Feeds micro-batch k's inputs (ap_spmd_set_input for each of them). Collective; must return
+ * the same status on every rank (ap_spmd_set_input's are agreed). */
+typedef ap_status (*ap_spmd_feed_fn)(void *ctx, int k);
+
+/* One training step with gradient accumulation over n_micro >= 1 micro-batches (DESIGN.md §7;
+ * Alpa's micro-batching on one stage). The step program is cut in two at its first instruction
+ * of an optimizer (APPLY-phase) node: the "micro part" (forward and backward, with whatever
+ * collectives the plan put there) runs once per micro-batch, after feed(ctx, k) has set that
+ * micro-batch's inputs; every transient value that crosses the cut (the gradients, in whatever
+ * layout the plan hands them to the optimizer, possibly still pending a sum, and the loss) is
+ * accumulated into a persistent accumulator (micro-batch 0 copies, later ones add); then each
+ * crossing value is set to its accumulator / n_micro and the "apply part" (the resharding of
+ * gradients into the optimizer's layouts, hence the gradient synchronisation when the plan
+ * leaves it to the optimizer's operands, and the updates) runs ONCE, followed by the commit as
+ * in ap_spmd_step. Since every loss is a mean over its micro-batch, the result is the step on
+ * the mean loss over the global batch (up to float summation order). *loss gets the mean of the
+ * micro-batch losses. The accumulators (one aligned copy of every crossing value) are allocated
+ * on first use and count in the measured peak, not in the predicted one.
+ * Collective. Errors (agreed): AUTOPAR_ERR_INVALID_ARG (n_micro < 1, NULL feed),
+ * AUTOPAR_ERR_UNSUPPORTED (a non-optimizer node lowered after the cut, a non-float value
+ * crossing it), and those of ap_spmd_step or of feed. No parameter or state changes on error. */
+AP_INTERNAL ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_fn feed,
+                                         void *ctx, double *loss);
 
 /* Number of completed steps. */
 AP_INTERNAL int64_t ap_spmd_steps(const ap_spmd *s);

@@ -12,6 +12,11 @@
  *  - every parameter and optimizer state after 3 steps: SGD, max-norm relative error <= 1e-5;
  *    AdamW, |a - b| <= 2 lr per step (AdamW turns float32 summation-order noise in gradients
  *    that are ~0 into moves of up to lr, so exact agreement cannot hold).
+ * Gradient accumulation: the same models built at batch / 2 and planned with 2 micro-batches
+ * (MLP: DATA_PARALLEL and SHARD; GPT: SHARD), fed the global batch, against the reference
+ * executor on the model built at the FULL batch: the loss is a mean, so the full-batch gradient
+ * is the mean of the micro-batch gradients and the same tolerances hold (only the float
+ * summation order differs).
  * Checkpoints: the MLP trained 2 steps under the automatic plan, saved, loaded into a session
  * under a DATA_PARALLEL plan: every parameter and state bit-identical; the next step's losses
  * agree within 1e-5.
@@ -34,6 +39,7 @@
 #define SEED 1234
 #define TOL 1e-5
 #define LR 1e-3
+#define MICRO 2   /* micro-batches of the gradient-accumulation cases */
 
 static int g_failures, g_rank, g_size;
 
@@ -70,8 +76,10 @@ typedef struct model {
     float          lr;
 } model;
 
-static bool model_new(model *m, bool gpt, autopar_optimizer_kind ok) {
+/* Builds the model described by cfg's gpt flag and configuration (gc or mc). */
+static bool model_new_cfg(model *m, const model *cfg, autopar_optimizer_kind ok) {
     memset(m, 0, sizeof *m);
+    bool gpt = cfg->gpt;
     m->gpt = gpt;
     autopar_tensor *loss = NULL;
     autopar_optimizer o;
@@ -82,10 +90,10 @@ static bool model_new(model *m, bool gpt, autopar_optimizer_kind ok) {
     if (autopar_graph_new(&m->g)) return false;
     autopar_status st;
     if (gpt) {
-        m->gc = (gpt_config){2, 32, 4, 8, 64, 8, 0};
+        m->gc = cfg->gc;
         st = model_gpt_build(m->g, &m->gc, &loss);
     } else {
-        m->mc = (mlp_config){32, 16, 0};
+        m->mc = cfg->mc;
         st = model_mlp_build(m->g, &m->mc, &loss);
     }
     if (!st) st = autopar_build_training(m->g, loss, &o);
@@ -100,6 +108,15 @@ static bool model_new(model *m, bool gpt, autopar_optimizer_kind ok) {
     for (int i = 0; i < 2; i++)
         m->in_n[i] = autopar_tensor_numel(autopar_graph_find(m->g, m->in_name[i]));
     return true;
+}
+
+static bool model_new(model *m, bool gpt, autopar_optimizer_kind ok) {
+    model cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gpt = gpt;
+    cfg.gc = (gpt_config){2, 32, 4, 8, 64, 8, 0};
+    cfg.mc = (mlp_config){32, 16, 0};
+    return model_new_cfg(m, &cfg, ok);
 }
 
 static void model_batch(const model *m, int64_t s, void *a, void *b) {
@@ -122,13 +139,16 @@ static bool is_state(const autopar_tensor *t) {
     return k == AUTOPAR_KIND_PARAM || k == AUTOPAR_KIND_OPT_STATE;
 }
 
-static void run_case(const model *m, const char *what, autopar_method method, bool sgd) {
+/* m: the model the plan is made for (the micro-batch graph); rm: the reference model, the same
+ * model at the global batch (micro x m's batch; rm == m when micro == 1). */
+static void run_case(const model *m, const model *rm, int micro, const char *what,
+                     autopar_method method, bool sgd) {
     autopar_cluster *cl = NULL;
     autopar_plan *plan = NULL;
     autopar_session *s = NULL;
-    int nn = autopar_graph_size(m->g);
+    int nn = autopar_graph_size(rm->g);
     float **ref = calloc((size_t)nn, sizeof *ref);
-    void *a = malloc((size_t)m->in_n[0] * 4), *b = malloc((size_t)m->in_n[1] * 4);
+    void *a = malloc((size_t)rm->in_n[0] * 4), *b = malloc((size_t)rm->in_n[1] * 4);
     double ref_loss[N_STEPS], worst_loss = 0, worst = 0;
     char worst_name[AUTOPAR_MAX_NAME] = "";
     if (!ref || !a || !b) {
@@ -137,17 +157,17 @@ static void run_case(const model *m, const char *what, autopar_method method, bo
     }
     /* reference */
     autopar_executor *ex = NULL;
-    EXPECT_OK(autopar_executor_new(m->g, SEED, AUTOPAR_PRECISION_F32, &ex));
+    EXPECT_OK(autopar_executor_new(rm->g, SEED, AUTOPAR_PRECISION_F32, &ex));
     for (int st = 0; ex && st < N_STEPS; st++) {
-        model_batch(m, st, a, b);
-        EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(m->g, m->in_name[0]), a,
-                                         m->in_n[0]));
-        EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(m->g, m->in_name[1]), b,
-                                         m->in_n[1]));
+        model_batch(rm, st, a, b);
+        EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(rm->g, rm->in_name[0]), a,
+                                         rm->in_n[0]));
+        EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(rm->g, rm->in_name[1]), b,
+                                         rm->in_n[1]));
         EXPECT_OK(autopar_executor_step(ex, &ref_loss[st]));
     }
     for (int id = 0; ex && id < nn; id++) {
-        const autopar_tensor *t = autopar_graph_tensor(m->g, id);
+        const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
         if (!is_state(t)) continue;
         ref[id] = malloc((size_t)autopar_tensor_numel(t) * sizeof(float));
         if (ref[id]) EXPECT_OK(autopar_executor_read(ex, t, ref[id], autopar_tensor_numel(t)));
@@ -159,15 +179,16 @@ static void run_case(const model *m, const char *what, autopar_method method, bo
     autopar_options o;
     autopar_options_default(&o);
     o.method = method;
+    o.num_micro_batches = micro;
     EXPECT_OK(autopar_parallelize(m->g, cl, &o, &plan));
     if (!plan) goto done;
     autopar_status st0 = autopar_session_new(plan, AUTOPAR_BACKEND_CPU, SEED, &s);
     EXPECT(st0 == AUTOPAR_OK, "%s: autopar_session_new -> %s: %s", what,
            autopar_status_str(st0), autopar_last_error());
     for (int st = 0; s && st < N_STEPS; st++) {
-        model_batch(m, st, a, b);
-        EXPECT_OK(autopar_session_write_input(s, m->in_name[0], a, m->in_n[0]));
-        EXPECT_OK(autopar_session_write_input(s, m->in_name[1], b, m->in_n[1]));
+        model_batch(rm, st, a, b);   /* the global batch: micro micro-batches stacked */
+        EXPECT_OK(autopar_session_write_input(s, m->in_name[0], a, rm->in_n[0]));
+        EXPECT_OK(autopar_session_write_input(s, m->in_name[1], b, rm->in_n[1]));
         double loss = NAN;
         EXPECT_OK(autopar_session_step(s, &loss));
         double e = fabs(loss - ref_loss[st]) / fabs(ref_loss[st]);
@@ -180,7 +201,7 @@ static void run_case(const model *m, const char *what, autopar_method method, bo
                   (long long)autopar_session_steps(s));
     for (int id = 0; s && id < nn; id++) {
         if (!ref[id]) continue;
-        const autopar_tensor *t = autopar_graph_tensor(m->g, id);
+        const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
         int64_t n = autopar_tensor_numel(t);
         float *got = malloc((size_t)n * sizeof *got);
         if (!got) continue;
@@ -206,7 +227,7 @@ static void run_case(const model *m, const char *what, autopar_method method, bo
         free(got);
     }
     if (g_rank == 0)
-        printf("np %d %-28s stages %d: loss rel err <= %.1e, params+states max rel err %.1e "
+        printf("np %d %-34s stages %d: loss rel err <= %.1e, params+states max rel err %.1e "
                "('%s')\n", g_size, what, autopar_plan_num_stages(plan), worst_loss, worst,
                worst_name);
 done:
@@ -217,6 +238,14 @@ done:
     free(ref);
     free(a);
     free(b);
+}
+
+/* The model m at batch m's / MICRO (the micro-batch graph of a step on m's batch). */
+static bool micro_model(model *mm, const model *m, bool sgd) {
+    model tmp = *m;
+    if (m->gpt) tmp.gc.batch /= MICRO;
+    else tmp.mc.batch /= MICRO;
+    return model_new_cfg(mm, &tmp, sgd ? AUTOPAR_OPT_SGD : AUTOPAR_OPT_ADAMW);
 }
 
 static void error_cases(void) {
@@ -396,10 +425,26 @@ int main(void) {
              * not run yet: it is planned with METHOD_SHARD (one stage, automatic sharding). */
             snprintf(what, sizeof what, "%s %s %s", gpt ? "gpt" : "mlp", sgd ? "sgd" : "adamw",
                      gpt ? "shard" : "auto");
-            run_case(&m, what, gpt ? AUTOPAR_METHOD_SHARD : AUTOPAR_METHOD_PIPESHARD, sgd);
+            run_case(&m, &m, 1, what, gpt ? AUTOPAR_METHOD_SHARD : AUTOPAR_METHOD_PIPESHARD,
+                     sgd);
             if (!gpt) {
                 snprintf(what, sizeof what, "mlp %s data-parallel", sgd ? "sgd" : "adamw");
-                run_case(&m, what, AUTOPAR_METHOD_DATA_PARALLEL, sgd);
+                run_case(&m, &m, 1, what, AUTOPAR_METHOD_DATA_PARALLEL, sgd);
+            }
+            /* Gradient accumulation: the plan for the micro-batch graph (batch / MICRO) with
+             * MICRO micro-batches against the reference on the whole global batch. */
+            model mm;
+            if (micro_model(&mm, &m, sgd)) {
+                snprintf(what, sizeof what, "%s %s %s x%d micro", gpt ? "gpt" : "mlp",
+                         sgd ? "sgd" : "adamw", gpt ? "shard" : "data-parallel", MICRO);
+                run_case(&mm, &m, MICRO, what,
+                         gpt ? AUTOPAR_METHOD_SHARD : AUTOPAR_METHOD_DATA_PARALLEL, sgd);
+                if (!gpt) {
+                    snprintf(what, sizeof what, "mlp %s shard x%d micro", sgd ? "sgd" : "adamw",
+                             MICRO);
+                    run_case(&mm, &m, MICRO, what, AUTOPAR_METHOD_SHARD, sgd);
+                }
+                autopar_graph_free(mm.g);
             }
             autopar_graph_free(m.g);
         }
