@@ -26,6 +26,7 @@
  * Exit code non-zero on every rank when any check failed on that rank.
  */
 #include "autopar.h"
+#include "test_util.h"
 #include "models.h"
 
 #include <math.h>
@@ -41,30 +42,8 @@
 #define LR 1e-3
 #define MICRO 2   /* micro-batches of the gradient-accumulation cases */
 
-static int g_failures, g_rank, g_size;
+static int g_size;
 
-static void fail_at(int line, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail_at(int line, const char *fmt, ...) {
-    char msg[1400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    if (g_failures < 40) fprintf(stderr, "rank %d: FAIL line %d: %s\n", g_rank, line, msg);
-    g_failures++;
-}
-
-#define EXPECT(cond, ...)                                                                       \
-    do {                                                                                        \
-        if (!(cond)) fail_at(__LINE__, __VA_ARGS__);                                            \
-    } while (0)
-#define EXPECT_OK(expr)                                                                         \
-    do {                                                                                        \
-        autopar_status s_ = (expr);                                                             \
-        if (s_ != AUTOPAR_OK)                                                                   \
-            fail_at(__LINE__, "%s -> %s: %s", #expr, autopar_status_str(s_),                    \
-                    autopar_last_error());                                                      \
-    } while (0)
 
 typedef struct model {
     bool           gpt;
@@ -98,7 +77,7 @@ static bool model_new_cfg(model *m, const model *cfg, autopar_optimizer_kind ok)
     }
     if (!st) st = autopar_build_training(m->g, loss, &o);
     if (st) {
-        fail_at(__LINE__, "model build: %s", autopar_last_error());
+        test_fail_at(__LINE__, "model build: %s", autopar_last_error());
         autopar_graph_free(m->g);
         m->g = NULL;
         return false;
@@ -152,7 +131,7 @@ static void run_case(const model *m, const model *rm, int micro, const char *wha
     double ref_loss[N_STEPS], worst_loss = 0, worst = 0;
     char worst_name[AUTOPAR_MAX_NAME] = "";
     if (!ref || !a || !b) {
-        fail_at(__LINE__, "out of memory");
+        test_fail_at(__LINE__, "out of memory");
         goto done;
     }
     /* reference */
@@ -226,7 +205,7 @@ static void run_case(const model *m, const model *rm, int micro, const char *wha
                    "the AdamW drift bound", what, autopar_tensor_name(t), N_STEPS, num);
         free(got);
     }
-    if (g_rank == 0)
+    if (test_rank == 0)
         printf("np %d %-34s stages %d: loss rel err <= %.1e, params+states max rel err %.1e "
                "('%s')\n", g_size, what, autopar_plan_num_stages(plan), worst_loss, worst,
                worst_name);
@@ -268,7 +247,7 @@ static void error_cases(void) {
     EXPECT(st == AUTOPAR_ERR_INVALID_ARG && !s && strstr(autopar_last_error(), want),
            "plan for %d devices on %d ranks: %s: %s", other, g_size, autopar_status_str(st),
            autopar_last_error());
-    if (g_rank == 0) printf("np %d wrong world size: %s\n", g_size, autopar_last_error());
+    if (test_rank == 0) printf("np %d wrong world size: %s\n", g_size, autopar_last_error());
     autopar_session_free(s);
     s = NULL;
     autopar_plan_free(plan);
@@ -286,7 +265,7 @@ static void error_cases(void) {
         st = autopar_session_write_input(s, "x", x, m.in_n[0] - 16);
         EXPECT(st == AUTOPAR_ERR_SHAPE && strstr(autopar_last_error(), "'x'"),
                "short batch: %s: %s", autopar_status_str(st), autopar_last_error());
-        if (g_rank == 0) printf("np %d short batch: %s\n", g_size, autopar_last_error());
+        if (test_rank == 0) printf("np %d short batch: %s\n", g_size, autopar_last_error());
         st = autopar_session_write_input(s, "nope", x, m.in_n[0]);
         EXPECT(st == AUTOPAR_ERR_NOT_FOUND, "unknown input: %s: %s", autopar_status_str(st),
                autopar_last_error());
@@ -324,7 +303,7 @@ static void error_cases(void) {
                 st = autopar_session_new(plan, AUTOPAR_BACKEND_CPU, SEED, &s);
                 EXPECT((st == AUTOPAR_OK && s) || (st == AUTOPAR_ERR_UNSUPPORTED && !s),
                        "2-stage plan: %s: %s", autopar_status_str(st), autopar_last_error());
-                if (g_rank == 0) printf("np %d 2-stage plan: %s\n", g_size,
+                if (test_rank == 0) printf("np %d 2-stage plan: %s\n", g_size,
                                         st ? autopar_last_error() : "accepted");
             }
             autopar_session_free(s);
@@ -378,7 +357,7 @@ static void checkpoint_case(void) {
                 EXPECT_OK(autopar_session_read_param(sb, autopar_tensor_name(t), b, n));
                 if (memcmp(a, b, (size_t)n * 4) != 0) {
                     mismatched++;
-                    fail_at(__LINE__, "checkpoint: '%s' differs after load",
+                    test_fail_at(__LINE__, "checkpoint: '%s' differs after load",
                             autopar_tensor_name(t));
                 }
             }
@@ -396,10 +375,10 @@ static void checkpoint_case(void) {
         /* a file that is not a checkpoint */
         autopar_status st = autopar_session_load(sb, "/nonexistent/autopar.ckpt");
         EXPECT(st == AUTOPAR_ERR_IO, "missing checkpoint: %s", autopar_status_str(st));
-        if (g_rank == 0)
+        if (test_rank == 0)
             printf("np %d checkpoint auto -> data-parallel: %d tensors differ, next loss %.9g vs "
                    "%.9g\n", g_size, mismatched, la, lb);
-        if (g_rank == 0) remove(path);
+        if (test_rank == 0) remove(path);
     }
     free(x);
     free(y);
@@ -412,7 +391,7 @@ static void checkpoint_case(void) {
 }
 
 int main(void) {
-    if (autopar_world(&g_rank, &g_size)) {
+    if (autopar_world(&test_rank, &g_size)) {
         fprintf(stderr, "autopar_world: %s\n", autopar_last_error());
         return 1;
     }
@@ -451,8 +430,8 @@ int main(void) {
     }
     checkpoint_case();
     error_cases();
-    int failures = g_failures;
-    if (g_rank == 0) printf("np %d: %s\n", g_size, failures ? "FAILED" : "ok");
+    int failures = test_failures;
+    if (test_rank == 0) printf("np %d: %s\n", g_size, failures ? "FAILED" : "ok");
     autopar_finalize();
     return failures ? 1 : 0;
 }

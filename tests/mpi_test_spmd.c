@@ -59,6 +59,7 @@
 #include "models.h"
 #include "sharding.h"
 #include "spmd.h"
+#include "test_util.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -78,34 +79,10 @@
 #define ADAM_DRIFT (2.0 * 1e-3 * N_STEPS)
 #define MEM_TOL 0.10
 
-static int g_failures;
-static int g_rank, g_size;
+static int g_size;
 static ap_comm *g_world;
 static ap_backend *g_backend;
 
-static void fail_at(int line, const char *fmt, ...) AP_PRINTF(2, 3);
-static void fail_at(int line, const char *fmt, ...) {
-    char msg[1400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    if (g_failures < 40) fprintf(stderr, "rank %d: FAIL line %d: %s\n", g_rank, line, msg);
-    g_failures++;
-}
-
-#define EXPECT(cond, ...)                                                                       \
-    do {                                                                                        \
-        if (!(cond)) fail_at(__LINE__, __VA_ARGS__);                                            \
-    } while (0)
-
-#define EXPECT_OK(expr)                                                                         \
-    do {                                                                                        \
-        ap_status s_ = (expr);                                                                  \
-        if (s_ != AUTOPAR_OK)                                                                   \
-            fail_at(__LINE__, "%s -> %s: %s", #expr, autopar_status_str(s_),                    \
-                    autopar_last_error());                                                      \
-    } while (0)
 
 /* ------------------------------------------------------------------------------------------ */
 /* Models and batches                                                                          */
@@ -175,7 +152,7 @@ static bool model_new(model *m, int kind, int64_t batch, int64_t dim) {
     }
     if (!st) st = autopar_build_training(m->g, loss, &o);
     if (st) {
-        fail_at(__LINE__, "model build: %s", autopar_last_error());
+        test_fail_at(__LINE__, "model build: %s", autopar_last_error());
         autopar_graph_free(m->g);
         return false;
     }
@@ -213,16 +190,16 @@ static ap_status plan_get(const model *m, const ap_mesh *mesh, const ap_shard_op
     *out = NULL;
     char *json = NULL;
     ap_status st = AUTOPAR_OK;
-    if (g_rank == 0) {
+    if (test_rank == 0) {
         ap_shard_plan *p = NULL;
         st = ap_shard_stage(m->g, NULL, 0, mesh, cl, opt, &p);
         if (!st) st = ap_shard_plan_to_json(p, m->g, &json);
         ap_shard_plan_free(p);
     }
     if ((st = ap_comm_bcast_error(g_world, 0, st))) return st;
-    int64_t len = g_rank == 0 ? (int64_t)strlen(json) + 1 : 0;
+    int64_t len = test_rank == 0 ? (int64_t)strlen(json) + 1 : 0;
     if ((st = ap_comm_broadcast(g_world, &len, sizeof len, AP_COMM_U8, 0))) return st;
-    if (g_rank != 0) {
+    if (test_rank != 0) {
         json = malloc((size_t)len);
         if (!json) st = ap_error(AUTOPAR_ERR_NOMEM, "plan_get: out of memory");
     }
@@ -295,7 +272,7 @@ static void run_case(const char *model_name, const char *want_kind, const model 
     char worst_name[AUTOPAR_MAX_NAME] = "";
     double ptol = param_tol(prec), ltol = prec == AUTOPAR_PRECISION_F64 ? TOL_F64 : TOL;
     if (!a || !b || !ref) {
-        fail_at(__LINE__, "out of memory");
+        test_fail_at(__LINE__, "out of memory");
         free(a);
         free(b);
         free(ref);
@@ -380,7 +357,7 @@ static void run_case(const char *model_name, const char *want_kind, const model 
     double *all = calloc((size_t)g_size * 4, sizeof *all);
     if (all) EXPECT_OK(ap_comm_all_gather(g_world, mine, all, 4, AP_COMM_F64));
     double secs = (double)clock() / CLOCKS_PER_SEC - t0;
-    if (g_rank == 0 && all) {
+    if (test_rank == 0 && all) {
         printf("%-4s %-5s %s (%s) mesh %dx%d: loss rel err", model_name, want_kind, pn,
                plan_kind(m, plan), mesh->shape[0], mesh->shape[1]);
         for (int s = 0; s < N_STEPS; s++) printf(" %.1e", loss_err[s]);
@@ -392,7 +369,7 @@ static void run_case(const char *model_name, const char *want_kind, const model 
         printf("  (sharding pass estimate %.0f)\n", stt.plan_peak);
         fflush(stdout);
     }
-    if (getenv("SPMD_TEST_VERBOSE") && sp && g_rank == 0) ap_spmd_print(sp, stdout);
+    if (getenv("SPMD_TEST_VERBOSE") && sp && test_rank == 0) ap_spmd_print(sp, stdout);
     free(all);
     ap_spmd_free(sp);
     for (int id = 0; id < nn; id++) free(ref[id]);
@@ -483,7 +460,7 @@ static void mesh_cases(int n0, int n1, const autopar_cluster *cl) {
     const double alpha[2] = {1e-6, 1e-6}, beta[2] = {1e-9, 1e-9};
     ap_mesh *mesh = NULL;
     if (ap_mesh_new_custom(n0, n1, alpha, beta, &mesh)) {
-        fail_at(__LINE__, "mesh: %s", autopar_last_error());
+        test_fail_at(__LINE__, "mesh: %s", autopar_last_error());
         return;
     }
     bool two_d = n0 > 1 && n1 > 1, one = n0 * n1 == 1;
@@ -571,7 +548,7 @@ static void error_cases(const autopar_cluster *cl) {
             EXPECT(st == AUTOPAR_ERR_INVALID_ARG && sp == NULL &&
                        strstr(autopar_last_error(), "ranks") != NULL,
                    "wrong world size: got %s: %s", autopar_status_str(st), autopar_last_error());
-            if (g_rank == 0) printf("error case, mesh of %d devices on %d ranks: %s\n",
+            if (test_rank == 0) printf("error case, mesh of %d devices on %d ranks: %s\n",
                                     g_size + 1, g_size, autopar_last_error());
             ap_spmd_free(sp);
         }
@@ -597,7 +574,7 @@ static void error_cases(const autopar_cluster *cl) {
             ap_status st = ap_spmd_set_input(sp, m.in[0], t, m.in_n[0] - 1);
             EXPECT(st == AUTOPAR_ERR_SHAPE, "short batch: got %s: %s", autopar_status_str(st),
                    autopar_last_error());
-            if (g_rank == 0) printf("error case, short batch: %s\n", autopar_last_error());
+            if (test_rank == 0) printf("error case, short batch: %s\n", autopar_last_error());
 
             EXPECT_OK(ap_spmd_read(sp, autopar_graph_find(m.g, "wte"), before, pn));
             t[m.in_n[0] - 1] = (int32_t)m.gc.vocab;   /* last row: the last rank's shard */
@@ -610,7 +587,7 @@ static void error_cases(const autopar_cluster *cl) {
             EXPECT(st == AUTOPAR_ERR_INVALID_ARG && strstr(autopar_last_error(), want) &&
                        strstr(autopar_last_error(), "out of range"),
                    "bad token: got %s: %s", autopar_status_str(st), autopar_last_error());
-            if (g_rank == 0) printf("error case, bad token on rank %d's shard: %s\n", g_size - 1,
+            if (test_rank == 0) printf("error case, bad token on rank %d's shard: %s\n", g_size - 1,
                                     autopar_last_error());
             EXPECT(ap_spmd_steps(sp) == 0, "a failed step counted");
             EXPECT_OK(ap_spmd_read(sp, autopar_graph_find(m.g, "wte"), after, pn));
@@ -639,7 +616,7 @@ int main(void) {
         fprintf(stderr, "ap_comm_world: %s\n", autopar_last_error());
         return 1;
     }
-    g_rank = ap_comm_rank(g_world);
+    test_rank = ap_comm_rank(g_world);
     g_size = ap_comm_size(g_world);
     if (ap_backend_new(AP_BACKEND_CPU, 0, &g_backend)) {
         fprintf(stderr, "backend: %s\n", autopar_last_error());
@@ -662,9 +639,9 @@ int main(void) {
     error_cases(cl);
 
     int total = 0;
-    if (ap_comm_all_reduce(g_world, &g_failures, &total, 1, AP_COMM_I32, AP_COMM_SUM))
-        total = g_failures + 1;
-    if (g_rank == 0) printf("%s: %d failure(s) over %d rank(s)\n", total ? "FAIL" : "PASS", total,
+    if (ap_comm_all_reduce(g_world, &test_failures, &total, 1, AP_COMM_I32, AP_COMM_SUM))
+        total = test_failures + 1;
+    if (test_rank == 0) printf("%s: %d failure(s) over %d rank(s)\n", total ? "FAIL" : "PASS", total,
                             g_size);
     autopar_cluster_free(cl);
     ap_backend_free(g_backend);
