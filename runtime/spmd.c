@@ -22,6 +22,7 @@ struct ap_spmd {
     bool                 device_reads;
     ap_spec             *spec;          /* per node: layout of its value after it ran         */
     int                 *node_val;      /* per node: its value in the step program            */
+    unsigned char       *role;          /* per node: 0 not read, 1 in the stage, 2 external   */
     sp_prog              prog;
     ap_buffer           *pbuf;          /* per value: buffer of a persistent value            */
     ap_buffer           *const *pers;   /* per value: &pbuf[v] (the executor's view)          */
@@ -306,7 +307,7 @@ static ap_status init_params(ap_spmd *s) {
     ap_status st = AUTOPAR_OK;
     for (int id = 0; id < g->n_nodes && !st; id++) {
         const ap_node *n = g->nodes[id];
-        if (n->op != AP_OP_PARAM) continue;
+        if (n->op != AP_OP_PARAM || s->role[id] != 1) continue;
         int v = s->node_val[id];
         size_t bytes = s->prog.val[v].bytes;
         if (bytes == 0 || zero_by_partial(s, &s->spec[id])) continue;   /* zeroed already */
@@ -373,14 +374,11 @@ static ap_status check_args(const autopar_graph *g, const ap_shard_plan *plan,
     for (int id = 0; id < g->n_nodes; id++) {
         const ap_node *n = g->nodes[id];
         const ap_shard_node *pn = &plan->node[id];
-        if (!pn->in_stage)
-            return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: node '%s' is not in the plan's stage "
-                            "(the SPMD runtime runs a plan covering the whole graph)", fn,
-                            n->name);
+        if (!pn->in_stage && !pn->external) continue;   /* another stage's node, not read */
         if (pn->spec.ndim != n->shape.ndim)
             return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: the plan's spec of '%s' has rank %d, "
                             "the tensor rank %d", fn, n->name, pn->spec.ndim, n->shape.ndim);
-        if (!is_leaf(n->op) && !ap_backend_supports_op(b, n->op, o->precision))
+        if (pn->in_stage && !is_leaf(n->op) && !ap_backend_supports_op(b, n->op, o->precision))
             return ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: op %s (tensor '%s') is not supported by "
                             "the %s backend", fn, ap_op_name(n->op), n->name,
                             ap_backend_name(b));
@@ -400,8 +398,12 @@ static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
     for (int id = 0; id < g->n_nodes; id++) {
         s->spec[id] = plan->node[id].spec;
         s->node_val[id] = -1;
+        s->role[id] = plan->node[id].in_stage ? 1 : plan->node[id].external ? 2 : 0;
         const ap_node *n = g->nodes[id];
-        if (!is_leaf(n->op)) continue;
+        /* leaves of the stage and external operands (boundary values written before they are
+         * read) get persistent values; nodes of other stages that the stage does not read get
+         * nothing */
+        if (s->role[id] == 0 || (s->role[id] == 1 && !is_leaf(n->op))) continue;
         ap_shape ls;
         ap_status st = ap_spec_local_shape(&s->mesh, &s->spec[id], &n->shape, &ls);
         if (st) {
@@ -421,13 +423,16 @@ static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
     if ((st = sp_plan_memory(&s->prog))) return st;
     /* Updates replace their leaves at the end of a successful step. */
     for (int id = 0; id < g->n_nodes; id++)
-        if (g->nodes[id]->assign_to >= 0) s->n_commit++;
+        if (g->nodes[id]->assign_to >= 0 && s->role[id] == 1) s->n_commit++;
     s->commit = malloc(2 * sizeof(int) * (size_t)(s->n_commit > 0 ? s->n_commit : 1));
     if (!s->commit) return ap_error(AUTOPAR_ERR_NOMEM, "spmd: out of memory");
     int k = 0;
     for (int id = 0; id < g->n_nodes; id++) {
         const ap_node *n = g->nodes[id];
-        if (n->assign_to < 0) continue;
+        if (n->assign_to < 0 || s->role[id] != 1) continue;
+        if (s->role[n->assign_to] != 1)
+            return ap_error(AUTOPAR_ERR_UNSUPPORTED, "spmd: update '%s' of the stage replaces "
+                            "'%s' of another stage", n->name, g->nodes[n->assign_to]->name);
         if (!is_leaf(g->nodes[n->assign_to]->op))
             return ap_error(AUTOPAR_ERR_GRAPH, "spmd: update '%s' replaces '%s', which is not a "
                             "parameter or optimizer state", n->name,
@@ -492,11 +497,12 @@ ap_status ap_spmd_new(const autopar_graph *g, const ap_shard_plan *plan, const a
         s->mesh.devices = malloc(sizeof(int) * (size_t)mesh->n_devices);
         s->spec = calloc((size_t)g->n_nodes + 1, sizeof *s->spec);
         s->node_val = calloc((size_t)g->n_nodes + 1, sizeof *s->node_val);
+        s->role = calloc((size_t)g->n_nodes + 1, sizeof *s->role);
         if (s->mesh.devices)
             for (int k = 0; k < mesh->n_devices; k++)
                 s->mesh.devices[k] = mesh->devices ? mesh->devices[k] : k;
     }
-    if (!s || !s->mesh.devices || !s->spec || !s->node_val)
+    if (!s || !s->mesh.devices || !s->spec || !s->node_val || !s->role)
         st = ap_error(AUTOPAR_ERR_NOMEM, "ap_spmd_new: out of memory");
     if ((st = ap_comm_all_ok(world, st))) {
         ap_spmd_free(s);
@@ -544,6 +550,7 @@ void ap_spmd_free(ap_spmd *s) {
     sp_prog_free(&s->prog);
     free(s->spec);
     free(s->node_val);
+    free(s->role);
     free(s->mesh.devices);
     free(s);
 }
@@ -576,8 +583,11 @@ static ap_status write_leaf(ap_spmd *s, const autopar_tensor *t, const void *dat
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
     const ap_node *node = NULL;
     ap_status st = check_tensor(s, t, n, fn, &node);
-    if (!st && node->op != AP_OP_INPUT &&
-        !(any_leaf && (node->op == AP_OP_PARAM || node->op == AP_OP_OPT_STATE)))
+    if (!st && s->role[node->id] == 0)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' belongs to another stage", fn,
+                      node->name);
+    else if (!st && node->op != AP_OP_INPUT && s->role[node->id] != 2 &&
+             !(any_leaf && (node->op == AP_OP_PARAM || node->op == AP_OP_OPT_STATE)))
         st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' is a %s, not an input%s", fn,
                       node->name, ap_op_name(node->op),
                       any_leaf ? ", parameter or optimizer state" : "");
@@ -912,7 +922,10 @@ ap_status ap_spmd_read(ap_spmd *s, const autopar_tensor *t, void *data, int64_t 
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
     const ap_node *node = NULL;
     ap_status st = check_tensor(s, t, n, fn, &node);
-    if (!st && !is_leaf(node->op))
+    if (!st && s->role[node->id] != 1)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' is not in the session's stage", fn,
+                      node->name);
+    else if (!st && !is_leaf(node->op))
         st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' (%s) is not kept between steps; "
                       "parameters, optimizer states and inputs can be read", fn, node->name,
                       ap_op_name(node->op));

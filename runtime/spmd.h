@@ -139,8 +139,15 @@ typedef struct ap_spmd_stats {
  * Builds this rank's program and its buffers, initialises parameters. Collective over `world`.
  *
  * g: a training graph (autopar_build_training) without a sticky error; borrowed, must outlive
- * the session and not change. plan: a plan of ap_shard_stage for ALL of g's nodes on a mesh of
- * mesh->shape (copied: it may be freed afterwards). mesh: its devices are ranks of `world`
+ * the session and not change. plan: a plan of ap_shard_stage on a mesh of mesh->shape (copied:
+ * it may be freed afterwards), normally for ALL of g's nodes. A plan for a subset (one pipeline
+ * stage, building block of multi-stage sessions; sessions still refuse them) is accepted: only
+ * its in_stage nodes are lowered; its `external` nodes get persistent values in their plan spec
+ * that the caller fills with ap_spmd_write (any op) before the instructions reading them run;
+ * other nodes get nothing (writing or reading them is AUTOPAR_ERR_INVALID_ARG). Only in-stage
+ * parameters are initialised and only in-stage updates are committed (an update of another
+ * stage's leaf is AUTOPAR_ERR_UNSUPPORTED); without the loss in the stage, steps report loss 0.
+ * ap_spmd_read reads in-stage leaves only. mesh: its devices are ranks of `world`
  * (mesh device k = world rank devices[k]); world's size must equal the mesh's device count.
  * b: this rank's backend (borrowed); its buffers must be ones the communicator accepts (host
  * memory for MPI). world: borrowed; the session splits its own communicators from it.
@@ -167,7 +174,8 @@ AP_INTERNAL void ap_spmd_free(ap_spmd *s);
 AP_INTERNAL ap_status ap_spmd_set_input(ap_spmd *s, const autopar_tensor *t, const void *data,
                                         int64_t n);
 
-/* As ap_spmd_set_input, for inputs, parameters and optimizer states (checkpoint loading):
+/* As ap_spmd_set_input, for inputs, parameters, optimizer states (checkpoint loading) and the
+ * external nodes of a stage plan (boundary values from another stage):
  * every rank passes the whole value, each keeps its tile. Collective; errors as
  * ap_spmd_set_input (agreed). */
 AP_INTERNAL ap_status ap_spmd_write(ap_spmd *s, const autopar_tensor *t, const void *data,

@@ -89,9 +89,10 @@ AP_INTERNAL void sp_prog_free(sp_prog *p);
 /* Adds a value; returns its id or -1 (out of memory: the message is set). */
 AP_INTERNAL int sp_value_new(sp_prog *p, size_t bytes, int node, bool persistent);
 
-/* Builds the step program: every node of the graph in order (leaves must already have their
- * persistent values in ctx->node_val), then the loss brought to a replicated value (*loss_val,
- * or -1 when the graph has no loss). Errors name the node and operand. */
+/* Builds the step program: every node of the plan's stage in graph order (leaves and external
+ * nodes must already have their persistent values in ctx->node_val; nodes outside the stage are
+ * skipped), then the loss brought to a replicated value (*loss_val, or -1 when the graph has no
+ * loss or the loss is not in the stage). Errors name the node and operand. */
 AP_INTERNAL ap_status sp_lower_step(sp_lower_ctx *ctx, int *loss_val);
 
 /* Appends the instructions that bring value `val` (the shard of a tensor of shape `full` and

@@ -1035,9 +1035,12 @@ ap_status sp_lower_step(sp_lower_ctx *c, int *loss_val) {
     *loss_val = -1;
     for (int id = 0; id < g->n_nodes; id++) {
         if (is_leaf(g->nodes[id]->op)) continue;
+        /* a stage of a pipeline: other stages' nodes are skipped; external ones are persistent
+         * values written from outside */
+        if (c->plan && !c->plan->node[id].in_stage) continue;
         if ((st = lower_node(c, id))) return st;
     }
-    if (g->loss >= 0) {
+    if (g->loss >= 0 && (!c->plan || c->plan->node[g->loss].in_stage)) {
         const ap_node *l = g->nodes[g->loss];
         ap_spec rep = ap_spec_replicated(l->shape.ndim);
         int lv;
