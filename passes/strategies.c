@@ -310,59 +310,6 @@ static ap_spec spec_suffix(const ap_spec *s, int nd, unsigned *removed) {
     return r;
 }
 
-/* Reshape mapping. Dims are grouped into runs whose products match; within a run, only a
- * split of the run's major (first non-unit) input dim maps to a contiguous split of the run's
- * major output dim (when that divides). Writes the usable input spec to *in_ok (s itself when
- * expressible; otherwise the offending split moved to the run's major dim when that divides,
- * else dropped) and the output spec. Returns true when s was expressible as is. */
-static bool reshape_map(const ap_mesh *m, const ap_shape *in, const ap_spec *s,
-                        const ap_shape *out, ap_spec *in_ok, ap_spec *out_spec) {
-    *in_ok = *s;
-    *out_spec = ap_spec_replicated(out->ndim);
-    bool exact = true;
-    int i = 0, o = 0;
-    while (i < in->ndim || o < out->ndim) {
-        int gi0 = i, go0 = o;
-        int64_t pi = 1, po = 1;
-        if (i < in->ndim) pi = in->dim[i++];
-        if (o < out->ndim) po = out->dim[o++];
-        while (pi != po) {
-            if (pi < po && i < in->ndim)
-                pi *= in->dim[i++];
-            else if (o < out->ndim)
-                po *= out->dim[o++];
-            else
-                break;   /* cannot happen for equal element counts */
-        }
-        int maj_in = -1, maj_out = -1;
-        for (int d = gi0; d < i; d++)
-            if (in->dim[d] > 1) { maj_in = d; break; }
-        for (int d = go0; d < o; d++)
-            if (out->dim[d] > 1) { maj_out = d; break; }
-        int n_split = 0, split_dim = -1;
-        for (int d = gi0; d < i; d++)
-            if (s->dim[d] != AP_DIM_R) {
-                n_split++;
-                split_dim = d;
-            }
-        if (n_split == 0) continue;
-        uint8_t ds = s->dim[split_dim];
-        int parts = dim_parts(m, ds);
-        if (n_split == 1 && split_dim == maj_in && maj_out >= 0 && out->dim[maj_out] % parts == 0) {
-            out_spec->dim[maj_out] = ds;
-            continue;
-        }
-        exact = false;
-        for (int d = gi0; d < i; d++) in_ok->dim[d] = AP_DIM_R;
-        if (n_split == 1 && maj_in >= 0 && maj_out >= 0 && in->dim[maj_in] % parts == 0 &&
-            out->dim[maj_out] % parts == 0) {
-            in_ok->dim[maj_in] = ds;   /* all-to-all instead of all-gather */
-            out_spec->dim[maj_out] = ds;
-        }
-    }
-    return exact;
-}
-
 /* Derives node v's strategy ns from its followed operand (operand index fk, or -1 for an
  * optimizer state following its parameter) whose strategy is f. */
 static ap_status derive(ap_shard_problem *p, const ap_node *v, int fk, const ap_nstrat *f,
@@ -444,7 +391,7 @@ static ap_status derive(ap_shard_problem *p, const ap_node *v, int fk, const ap_
     }
     case AP_OP_RESHAPE: {
         ap_spec in_ok, o;
-        reshape_map(m, fshape, &s, &v->shape, &in_ok, &o);
+        ap_spec_reshape(m, fshape, &s, &v->shape, &in_ok, &o);
         ns->in[0] = in_ok;
         pre = o;
         break;

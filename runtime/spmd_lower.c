@@ -521,56 +521,6 @@ ap_status sp_emit_reshard(sp_lower_ctx *c, int val, bool owned, const ap_spec *f
 /* Local semantics of each op                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Reshape mapping (as the sharding pass does it): dims are grouped into runs whose products
- * match; within a run only a split of the run's major input dim maps, to the run's major output
- * dim when that divides. Other splits are moved to the major dim when it divides, else dropped:
- * in_ok is the layout the local reshape can read. */
-static void reshape_map(const ap_mesh *m, const ap_shape *in, const ap_spec *s,
-                        const ap_shape *out, ap_spec *in_ok, ap_spec *out_spec) {
-    *in_ok = *s;
-    *out_spec = ap_spec_replicated(out->ndim);
-    int i = 0, o = 0;
-    while (i < in->ndim || o < out->ndim) {
-        int gi0 = i, go0 = o;
-        int64_t pi = 1, po = 1;
-        if (i < in->ndim) pi = in->dim[i++];
-        if (o < out->ndim) po = out->dim[o++];
-        while (pi != po) {
-            if (pi < po && i < in->ndim)
-                pi *= in->dim[i++];
-            else if (o < out->ndim)
-                po *= out->dim[o++];
-            else
-                break;
-        }
-        int maj_in = -1, maj_out = -1;
-        for (int d = gi0; d < i; d++)
-            if (in->dim[d] > 1) { maj_in = d; break; }
-        for (int d = go0; d < o; d++)
-            if (out->dim[d] > 1) { maj_out = d; break; }
-        int n_split = 0, split_dim = -1;
-        for (int d = gi0; d < i; d++)
-            if (s->dim[d] != AP_DIM_R) {
-                n_split++;
-                split_dim = d;
-            }
-        if (n_split == 0) continue;
-        uint8_t ds = s->dim[split_dim];
-        int parts = dim_parts(m, ds);
-        if (n_split == 1 && split_dim == maj_in && maj_out >= 0 &&
-            out->dim[maj_out] % parts == 0) {
-            out_spec->dim[maj_out] = ds;
-            continue;
-        }
-        for (int d = gi0; d < i; d++) in_ok->dim[d] = AP_DIM_R;
-        if (n_split == 1 && maj_in >= 0 && maj_out >= 0 && in->dim[maj_in] % parts == 0 &&
-            out->dim[maj_out] % parts == 0) {
-            in_ok->dim[maj_in] = ds;
-            out_spec->dim[maj_out] = ds;
-        }
-    }
-}
-
 typedef struct op_rule {
     ap_spec E[AP_MAX_SRC];   /* layouts the local kernel reads its operands in               */
     ap_spec C;               /* layout of the local result (maybe a pending sum)             */
@@ -766,7 +716,7 @@ static bool op_rule_of(const sp_lower_ctx *c, const ap_node *v, op_rule *r) {
     }
     case AP_OP_RESHAPE: {
         ap_spec in_ok;
-        reshape_map(m, &ap_src(g, v, 0)->shape, &E[0], &v->shape, &in_ok, &r->C);
+        (void)ap_spec_reshape(m, &ap_src(g, v, 0)->shape, &E[0], &v->shape, &in_ok, &r->C);
         if (!ap_spec_equal(&in_ok, &E[0])) r->why = "the reshape cannot carry this split";
         E[0] = in_ok;
         return true;

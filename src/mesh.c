@@ -450,3 +450,51 @@ AP_INTERNAL ap_status ap_spec_parse(const char *text, ap_spec *out) {
     *out = s;
     return AUTOPAR_OK;
 }
+
+bool ap_spec_reshape(const ap_mesh *m, const ap_shape *in, const ap_spec *s, const ap_shape *out,
+                     ap_spec *in_ok, ap_spec *out_spec) {
+    *in_ok = *s;
+    *out_spec = ap_spec_replicated(out->ndim);
+    bool exact = true;
+    int i = 0, o = 0;
+    while (i < in->ndim || o < out->ndim) {
+        int gi0 = i, go0 = o;
+        int64_t pi = 1, po = 1;
+        if (i < in->ndim) pi = in->dim[i++];
+        if (o < out->ndim) po = out->dim[o++];
+        while (pi != po) {
+            if (pi < po && i < in->ndim)
+                pi *= in->dim[i++];
+            else if (o < out->ndim)
+                po *= out->dim[o++];
+            else
+                break;   /* cannot happen for equal element counts */
+        }
+        int maj_in = -1, maj_out = -1;
+        for (int d = gi0; d < i; d++)
+            if (in->dim[d] > 1) { maj_in = d; break; }
+        for (int d = go0; d < o; d++)
+            if (out->dim[d] > 1) { maj_out = d; break; }
+        int n_split = 0, split_dim = -1;
+        for (int d = gi0; d < i; d++)
+            if (s->dim[d] != AP_DIM_R) {
+                n_split++;
+                split_dim = d;
+            }
+        if (n_split == 0) continue;
+        uint8_t ds = s->dim[split_dim];
+        int parts = ap_spec_dim_parts(m, s, split_dim);
+        if (n_split == 1 && split_dim == maj_in && maj_out >= 0 && out->dim[maj_out] % parts == 0) {
+            out_spec->dim[maj_out] = ds;
+            continue;
+        }
+        exact = false;
+        for (int d = gi0; d < i; d++) in_ok->dim[d] = AP_DIM_R;
+        if (n_split == 1 && maj_in >= 0 && maj_out >= 0 && in->dim[maj_in] % parts == 0 &&
+            out->dim[maj_out] % parts == 0) {
+            in_ok->dim[maj_in] = ds;   /* all-to-all instead of all-gather */
+            out_spec->dim[maj_out] = ds;
+        }
+    }
+    return exact;
+}

@@ -152,4 +152,14 @@ AP_INTERNAL const char *ap_spec_str(const ap_spec *s, char *buf, size_t len);
  * dim tokens. Errors: AUTOPAR_ERR_INVALID_ARG (bad syntax or an invalid spec), naming the text. */
 AP_INTERNAL ap_status ap_spec_parse(const char *text, ap_spec *out);
 
+/* How a sharding travels through a reshape from shape `in` (spec s) to shape `out`. Dims are
+ * grouped into runs whose products match; within a run, only a split of the run's major (first
+ * non-unit) input dim maps, to a contiguous split of the run's major output dim (when that
+ * divides). Writes to *in_ok the input spec a local reshape can read (s itself when expressible;
+ * otherwise the offending split moved to the run's major dim when that divides, else dropped)
+ * and to *out_spec the resulting output spec. Returns true when s was expressible as is. The
+ * sharding pass prices reshapes with it and the runtime executes them with it, so both agree. */
+AP_INTERNAL bool ap_spec_reshape(const ap_mesh *m, const ap_shape *in, const ap_spec *s,
+                                 const ap_shape *out, ap_spec *in_ok, ap_spec *out_spec);
+
 #endif /* AUTOPAR_MESH_H */
