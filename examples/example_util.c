@@ -22,7 +22,7 @@ int example_parse_method(const char *text, autopar_method *out) {
 }
 
 autopar_status example_plan(const autopar_graph *g, const char *cluster_path,
-                            autopar_method method, int rank, int size, const char *prog,
+                            autopar_method method, int micro, int size,
                             autopar_cluster **cl, autopar_plan **plan) {
     *cl = NULL;
     *plan = NULL;
@@ -31,17 +31,8 @@ autopar_status example_plan(const autopar_graph *g, const char *cluster_path,
     autopar_options o;
     autopar_options_default(&o);
     o.method = method;
+    o.num_micro_batches = micro;
     if (!s) s = autopar_parallelize(g, *cl, &o, plan);
-    if (!s && autopar_plan_num_stages(*plan) > 1 && method == AUTOPAR_METHOD_PIPESHARD) {
-        if (rank == 0)
-            printf("%s: the automatic plan has %d pipeline stages, which sessions do not run "
-                   "yet; planning with --method shard instead\n", prog,
-                   autopar_plan_num_stages(*plan));
-        autopar_plan_free(*plan);
-        *plan = NULL;
-        o.method = AUTOPAR_METHOD_SHARD;
-        s = autopar_parallelize(g, *cl, &o, plan);
-    }
     if (s) {
         autopar_cluster_free(*cl);
         *cl = NULL;

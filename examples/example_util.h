@@ -11,12 +11,11 @@ double example_now_s(void);
 int example_parse_method(const char *text, autopar_method *out);
 
 /* Plans training graph g for this job: the cluster is read from cluster_path, or is the "cpu"
- * preset with one host of `size` devices; autopar_parallelize with `method`. Sessions run
- * single-stage plans only, so an automatic plan with several pipeline stages is replaced by the
- * best single-stage (shard) plan, saying so on rank 0. On success *cl and *plan belong to the
- * caller; on failure both are NULL and autopar_last_error() says why. */
+ * preset with one host of `size` devices; autopar_parallelize with `method` and `micro`
+ * micro-batches per step (the automatic method may then choose several pipeline stages). On success *cl and *plan belong to the caller;
+ * on failure both are NULL and autopar_last_error() says why. */
 autopar_status example_plan(const autopar_graph *g, const char *cluster_path,
-                            autopar_method method, int rank, int size, const char *prog,
+                            autopar_method method, int micro, int size,
                             autopar_cluster **cl, autopar_plan **plan);
 
 #endif

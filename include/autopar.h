@@ -680,15 +680,24 @@ AUTOPAR_API autopar_status autopar_plan_stage_sharding_json(const autopar_plan *
  * global batch: each keeps the part its shards need. Inputs without a batch dim (d = -1) take
  * numel(S) elements, the same for every micro-batch.
  *
- * Micro-batches (B > 1) on a one-stage plan: a step runs forward and backward once per
- * micro-batch, accumulates the gradients and applies the optimizer once on their mean (the
- * gradient of the mean loss over the global batch); the loss returned is the mean of the B
- * micro-batch losses. Gradient sums the plan finishes in place are deferred to run once per
- * step on the accumulated gradients.
- * Current limits: plans of one stage. A plan with several stages is refused by
- * autopar_session_new with AUTOPAR_ERR_UNSUPPORTED (the message says so);
- * AUTOPAR_METHOD_SHARD, DATA_PARALLEL and ZERO2 always give one stage. With B > 1 every input
- * takes B x numel(S) elements (inputs without a batch dim too, for now).
+ * Micro-batches (B > 1): a step runs forward and backward once per micro-batch, accumulates
+ * the gradients and applies the optimizer once on their mean (the gradient of the mean loss
+ * over the global batch); the loss returned is the mean of the B micro-batch losses. Gradient
+ * sums the plan finishes in place are deferred to run once per step on the accumulated
+ * gradients. With B > 1 every input takes B x numel(S) elements (inputs without a batch dim
+ * too, for now).
+ *
+ * Pipelines (plans of several stages): rank r runs device r of the plan's cluster, hence one
+ * stage, as an SPMD program over its stage's mesh, and follows its stage's instruction list of
+ * the plan's schedule (GPipe or 1F1B): forward and backward of each micro-batch, boundary
+ * tensors sent between the stages' meshes (each receiving device gets exactly its tile, by tile
+ * intersection with the sending layout), activations of the micro-batches in flight kept until
+ * their backward, the optimizer once per step. Parameters read by another stage (a tied
+ * embedding) are sent at the start of each step, and their gradient contributions come back
+ * with the micro-batch's gradients. Results equal the single-device run up to float summation
+ * order (tests/mpi_test_pipeline.c). A plan whose stages send a forward value to an earlier
+ * stage (or a gradient to a later one) is refused with AUTOPAR_ERR_UNSUPPORTED naming the
+ * tensor.
  */
 
 /* Backends (the same order as the runtime's). AUTO: CUDA when this build has it and the rank
@@ -722,8 +731,8 @@ AUTOPAR_API void autopar_finalize(void);
  * Output: *out (free with autopar_session_free); NULL on failure.
  * Errors (the same on every rank): AUTOPAR_ERR_INVALID_ARG (NULL plan or out, bad backend; the
  * world size differs from the plan's device count: the message gives both and the mpirun
- * command to use), AUTOPAR_ERR_UNSUPPORTED (a plan with several stages or micro-batches, a
- * backend not built, an op the backend lacks), AUTOPAR_ERR_MPI, AUTOPAR_ERR_BACKEND,
+ * command to use), AUTOPAR_ERR_UNSUPPORTED (a boundary tensor the pipeline schedule cannot
+ * carry, see "Pipelines"; a backend not built, an op the backend lacks), AUTOPAR_ERR_MPI, AUTOPAR_ERR_BACKEND,
  * AUTOPAR_ERR_NOMEM, and the errors of the runtime's lowering (AUTOPAR_ERR_SHAPE for a
  * sharding that does not divide its tensor). */
 AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,

@@ -1,15 +1,14 @@
 /*
  * Public sessions (include/autopar.h section 8): a plan run on the ranks of an MPI job.
  *
- * Today a session runs single-stage plans through the SPMD runtime
- * (runtime/spmd.h): the stage's shard plan covers every node of the plan's graph, its logical
- * mesh's devices are world ranks. The session keeps its own copy of the plan (rank 0's,
- * broadcast as JSON), so every rank runs exactly the same plan.
- * With B > 1 micro-batches the session keeps the global batch of every input written (B
- * micro-batches stacked along the leading dim) and a step is ap_spmd_step_accum: forward and
- * backward per micro-batch (its rows fed to the SPMD runtime), gradients accumulated, the
- * optimizer applied once on their mean (spmd.h). Plans of more than one stage are refused
- * (AUTOPAR_ERR_UNSUPPORTED).
+ * A session runs its plan through the pipeline runtime (runtime/pipeline.h): each rank runs
+ * its stage's SPMD program (runtime/spmd.h) and follows its stage's instruction list of the
+ * plan's schedule; a plan of one stage is the SPMD program alone. The session keeps its own
+ * copy of the plan (rank 0's, broadcast as JSON), so every rank runs exactly the same plan.
+ * With B > 1 micro-batches, or more than one stage, the session keeps the global batch of every
+ * input written (B micro-batches stacked along the leading dim) and feeds micro-batch k's rows
+ * of the inputs its stage reads when the schedule runs forward k. Gradients are accumulated over
+ * the micro-batches and the optimizer applied once on their mean.
  *
  * MPI lifetime: one library-held world communicator (ap_comm_world), reference-counted by
  * autopar_world (one reference until autopar_finalize) and by every live session. Freeing the
@@ -21,6 +20,7 @@
 #include "comm.h"
 #include "internal.h"
 #include "mesh.h"
+#include "pipeline.h"
 #include "plan.h"
 #include "spmd.h"
 
@@ -32,11 +32,11 @@ struct autopar_session {
     ap_comm      *world;     /* the library world (a reference)                               */
     ap_comm      *nccl;      /* owned, CUDA backend only                                      */
     ap_backend   *backend;   /* owned                                                          */
-    ap_mesh      *mesh;      /* owned: stage 0's logical mesh                                 */
-    ap_spmd      *spmd;      /* owned                                                          */
+    ap_pipeline  *pipe;      /* owned                                                          */
+    ap_spmd      *spmd;      /* this rank's stage program (the pipeline's)                     */
     double        flops;     /* per step                                                       */
-    /* B > 1 micro-batches: per node id, the global batch last written to an input (n x B
-     * elements of 4 bytes), fed to the SPMD runtime one micro-batch at a time by the step. */
+    /* B > 1 micro-batches or several stages: per node id, the global batch last written to an
+     * input (n x B elements of 4 bytes), fed one micro-batch at a time by the step. */
     void        **batch;
 };
 
@@ -178,36 +178,20 @@ AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
     }
     if ((st = plan_bcast(s->world, plan, &s->plan))) goto fail;
     const autopar_plan *p = s->plan;
-    if (p->n_stages != 1 || p->n_micro_batches < 1) {
-        st = ap_error(AUTOPAR_ERR_UNSUPPORTED,
-                      "%s: the plan has %d stage%s and %d micro-batch%s; sessions run plans of "
-                      "one stage so far (use AUTOPAR_METHOD_SHARD, DATA_PARALLEL or ZERO2)", fn,
-                      p->n_stages, p->n_stages == 1 ? "" : "s", p->n_micro_batches,
-                      p->n_micro_batches == 1 ? "" : "es");
-        goto fail;
-    }
-    if (p->n_micro_batches > 1) {
+    if (p->n_micro_batches > 1 || p->n_stages > 1) {
         s->batch = calloc((size_t)p->graph->n_nodes + 1, sizeof *s->batch);
         if (!s->batch) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
         if ((st = ap_comm_all_ok(s->world, st))) goto fail;
     }
-    const ap_plan_stage *stg = &p->stages[0];
-    if (stg->n_devices != have || !stg->shard) {
-        st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: the plan's only stage uses %d of the %d "
-                      "devices%s", fn, stg->n_devices, have, stg->shard ? "" : " and has no "
-                      "sharding");
-        goto fail;
-    }
     if ((st = make_backend(s, backend))) goto fail;
-    st = ap_plan_stage_mesh(p, 0, &s->mesh);
-    if ((st = ap_comm_all_ok(s->world, st))) goto fail;
     ap_spmd_options o;
     ap_spmd_options_default(&o);
     o.seed = seed;
     o.precision = AUTOPAR_PRECISION_F32;
-    if ((st = ap_spmd_new(p->graph, stg->shard, s->mesh, s->backend,
-                          s->nccl ? s->nccl : s->world, &o, &s->spmd)))
+    if ((st = ap_pipeline_new(p, s->backend, s->world, s->nccl ? s->nccl : s->world, &o,
+                              &s->pipe)))
         goto fail;
+    s->spmd = ap_pipeline_spmd(s->pipe);
     for (int id = 0; id < p->graph->n_nodes; id++)
         s->flops += ap_node_flops(p->graph, p->graph->nodes[id]);
     s->flops *= p->n_micro_batches;
@@ -220,11 +204,10 @@ fail:
 
 AUTOPAR_API void autopar_session_free(autopar_session *s) {
     if (!s) return;
-    ap_spmd_free(s->spmd);
+    ap_pipeline_free(s->pipe);
     if (s->batch && s->plan)
         for (int id = 0; id < s->plan->graph->n_nodes; id++) free(s->batch[id]);
     free(s->batch);
-    ap_mesh_free(s->mesh);
     ap_comm_free(s->nccl);
     ap_backend_free(s->backend);
     autopar_plan_free(s->plan);
@@ -296,14 +279,16 @@ AUTOPAR_API autopar_status autopar_session_write_input(autopar_session *s, const
     return ap_comm_all_ok(s->world, st);
 }
 
-/* Feeds micro-batch k: every input written so far gets rows [k m, (k + 1) m) of its global
- * batch (B micro-batches stacked along the leading dim: a contiguous slice). Collective. */
+/* Feeds micro-batch k: every input of this rank's stage written so far gets rows
+ * [k m, (k + 1) m) of its global batch (B micro-batches stacked along the leading dim: a
+ * contiguous slice). Collective over the stage. */
 static ap_status feed_micro(void *ctx, int k) {
     autopar_session *s = ctx;
     const autopar_graph *g = s->plan->graph;
     ap_status st = AUTOPAR_OK;
     for (int id = 0; id < g->n_nodes && !st; id++) {
-        if (!s->batch[id]) continue;   /* the same on every rank: written collectively */
+        /* the same on every rank of the stage: written collectively */
+        if (!s->batch[id] || ap_spmd_role(s->spmd, id) != 1) continue;
         const ap_node *nd = g->nodes[id];
         int64_t m = ap_shape_numel(&nd->shape);
         st = ap_spmd_set_input(s->spmd, (const autopar_tensor *)nd,
@@ -314,8 +299,7 @@ static ap_status feed_micro(void *ctx, int k) {
 
 AUTOPAR_API autopar_status autopar_session_step(autopar_session *s, double *loss) {
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_session_step: session is NULL");
-    if (!s->batch) return ap_spmd_step(s->spmd, loss);
-    return ap_spmd_step_accum(s->spmd, s->plan->n_micro_batches, feed_micro, s, loss);
+    return ap_pipeline_step(s->pipe, s->batch ? feed_micro : NULL, s, loss);
 }
 
 AUTOPAR_API autopar_status autopar_session_read_param(autopar_session *s, const char *name,
@@ -336,7 +320,7 @@ AUTOPAR_API autopar_status autopar_session_read_param(autopar_session *s, const 
                       sh, (long long)ap_shape_numel(&nd->shape), (long long)n);
     }
     if ((st = ap_comm_all_ok(s->world, st))) return st;
-    return ap_spmd_read(s->spmd, (const autopar_tensor *)nd, out, n);
+    return ap_pipeline_read(s->pipe, (const autopar_tensor *)nd, out, n);
 }
 
 AUTOPAR_API int autopar_session_rank(const autopar_session *s) {
@@ -348,7 +332,7 @@ AUTOPAR_API int autopar_session_size(const autopar_session *s) {
 }
 
 AUTOPAR_API int64_t autopar_session_steps(const autopar_session *s) {
-    return s ? ap_spmd_steps(s->spmd) : 0;
+    return s ? ap_pipeline_steps(s->pipe) : 0;
 }
 
 AUTOPAR_API double autopar_session_flops_per_step(const autopar_session *s) {
@@ -376,7 +360,7 @@ AUTOPAR_API autopar_status autopar_session_save(autopar_session *s, const char *
     if (!st && root && !(f = fopen(path, "wb")))
         st = ap_error(AUTOPAR_ERR_IO, "%s: cannot open '%s' for writing", fn, path);
     if ((st = ap_comm_all_ok(s->world, st))) return st;
-    int64_t count = 0, steps = ap_spmd_steps(s->spmd);
+    int64_t count = 0, steps = ap_pipeline_steps(s->pipe);
     for (int id = 0; id < g->n_nodes; id++) count += is_leaf_state(g->nodes[id]);
     bool io_ok = true;
     if (root)
@@ -389,7 +373,7 @@ AUTOPAR_API autopar_status autopar_session_save(autopar_session *s, const char *
         float *buf = malloc((size_t)(numel ? numel : 1) * sizeof *buf);
         st = buf ? AUTOPAR_OK : ap_error(AUTOPAR_ERR_NOMEM, "%s: no memory for '%s'", fn, n->name);
         if ((st = ap_comm_all_ok(s->world, st))) break;
-        st = ap_spmd_read(s->spmd, (const autopar_tensor *)n, buf, numel);
+        st = ap_pipeline_read(s->pipe, (const autopar_tensor *)n, buf, numel);
         if (!st && root && io_ok) {
             uint32_t len = (uint32_t)strlen(n->name);
             io_ok = fwrite(&len, 4, 1, f) == 1 && fwrite(n->name, 1, len, f) == len &&
@@ -461,12 +445,12 @@ AUTOPAR_API autopar_status autopar_session_load(autopar_session *s, const char *
                  fread(buf, sizeof *buf, (size_t)numel, f) != (size_t)numel)
             st = ap_error(AUTOPAR_ERR_IO, "%s: '%s': cannot read '%s'", fn, path, n->name);
         if (!(st = ap_comm_all_ok(s->world, st)))
-            st = ap_spmd_write(s->spmd, (const autopar_tensor *)n, buf, numel);
+            st = ap_pipeline_write(s->pipe, (const autopar_tensor *)n, buf, numel);
         free(buf);
     }
     if (f) fclose(f);
     free(off);
-    if (!st) ap_spmd_set_steps(s->spmd, steps);
+    if (!st) ap_pipeline_set_steps(s->pipe, steps);
     return st;
 }
 

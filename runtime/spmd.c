@@ -41,6 +41,22 @@ struct ap_spmd {
     ap_buffer            acc;           /* the accumulators                                   */
     bool                *defer;         /* per instruction: a sum deferred past the micro part */
     int                  n_defer;
+    /* Pipeline stage (ap_spmd_stage_*): boundary outputs kept to the program's end, the first
+     * instruction of the backward part, the values that micro-batch k's backward needs from
+     * its forward (stashed per micro-batch in flight), the stash slots. */
+    int                 *keep;
+    int                  n_keep;
+    int                  bwd;           /* -1: not set up                                    */
+    int                  n_stash;
+    int                 *stash;         /* values                                            */
+    size_t              *stash_off;     /* offsets in a slot                                 */
+    size_t               stash_bytes;   /* one slot                                          */
+    ap_buffer           *slot;          /* slots allocated so far                            */
+    bool                *slot_busy;
+    int                  n_slot, cap_slot;
+    int                 *mb_slot;       /* per micro-batch: its slot, -1 none                */
+    int                  cap_mb;
+    size_t               extra_predicted;  /* accumulators + stash slots in flight           */
     /* Cumulative timers over the steps (ap_spmd_get_stats; CLOCK_MONOTONIC, see spmd.h). */
     double               t_step, t_kernel, t_coll;
     int64_t              timed_steps;
@@ -112,14 +128,15 @@ static const char *what_of(const ap_spmd *s, const sp_ins *in, char *buf, size_t
     return buf;
 }
 
-/* Runs every instruction. After a local failure the rank skips its remaining kernels but still
- * takes part in every collective (with whatever data), so that the other ranks finish and the
- * caller's agreement reports the failure everywhere. Returns the first failure. */
-/* Runs instructions [begin, end) except those marked in skip (may be NULL). */
+/* Runs instructions [begin, end) except those marked in skip (may be NULL). After a local
+ * failure (or from the start when `prior` is one: an earlier part of the step failed on this
+ * rank) the rank skips its remaining kernels but still takes part in every collective (with
+ * whatever data), so that the other ranks finish and the caller's agreement reports the failure
+ * everywhere. Returns the first failure (prior when set, its message untouched). */
 static ap_status run_range(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
                            ap_buffer *const *pers, int64_t step_no, int begin, int end,
-                           const bool *skip) {
-    ap_status first = AUTOPAR_OK;
+                           const bool *skip, ap_status prior) {
+    ap_status first = prior;
     char first_msg[1024] = "";
     for (int i = begin; i < end; i++) {
         const sp_ins *in = &p->ins[i];
@@ -180,13 +197,13 @@ static ap_status run_range(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
         snprintf(first_msg, sizeof first_msg, "step %lld: %s", (long long)step_no,
                  autopar_last_error());
     }
-    if (first) (void)ap_error(first, "%s", first_msg);
+    if (first && first_msg[0]) (void)ap_error(first, "%s", first_msg);
     return first;
 }
 
 static ap_status run_prog(ap_spmd *s, const sp_prog *p, const ap_buffer *arena,
                           ap_buffer *const *pers, int64_t step_no) {
-    return run_range(s, p, arena, pers, step_no, 0, p->n_ins, NULL);
+    return run_range(s, p, arena, pers, step_no, 0, p->n_ins, NULL, AUTOPAR_OK);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -420,6 +437,13 @@ static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
                       s->node_val, s->spec};
     ap_status st = sp_lower_step(&c, &s->loss_val);
     if (st) return st;
+    for (int k = 0; k < s->n_keep; k++) {   /* boundary outputs: readable after their part */
+        int id = s->keep[k], v = id >= 0 && id < g->n_nodes ? s->node_val[id] : -1;
+        if (v < 0 || s->role[id] != 1)
+            return ap_error(AUTOPAR_ERR_INVALID_ARG, "spmd lowering: kept node %d is not "
+                            "computed by the stage", id);
+        if (!s->prog.val[v].persistent) s->prog.val[v].to_end = true;
+    }
     if ((st = sp_plan_memory(&s->prog))) return st;
     /* Updates replace their leaves at the end of a successful step. */
     for (int id = 0; id < g->n_nodes; id++)
@@ -492,6 +516,14 @@ ap_status ap_spmd_new(const autopar_graph *g, const ap_shard_plan *plan, const a
         s->device_reads = o.device_reads;
         s->loss_val = -1;
         s->split = -1;
+        s->bwd = -1;
+        if (o.n_keep > 0 && o.keep_nodes) {
+            s->keep = malloc(sizeof(int) * (size_t)o.n_keep);
+            if (s->keep) {
+                memcpy(s->keep, o.keep_nodes, sizeof(int) * (size_t)o.n_keep);
+                s->n_keep = o.n_keep;
+            }
+        }
         s->plan_peak = plan->peak_memory;
         s->mesh = *mesh;
         s->mesh.devices = malloc(sizeof(int) * (size_t)mesh->n_devices);
@@ -502,7 +534,8 @@ ap_status ap_spmd_new(const autopar_graph *g, const ap_shard_plan *plan, const a
             for (int k = 0; k < mesh->n_devices; k++)
                 s->mesh.devices[k] = mesh->devices ? mesh->devices[k] : k;
     }
-    if (!s || !s->mesh.devices || !s->spec || !s->node_val || !s->role)
+    if (!s || !s->mesh.devices || !s->spec || !s->node_val || !s->role ||
+        (o.n_keep > 0 && o.keep_nodes && !s->keep))
         st = ap_error(AUTOPAR_ERR_NOMEM, "ap_spmd_new: out of memory");
     if ((st = ap_comm_all_ok(world, st))) {
         ap_spmd_free(s);
@@ -543,6 +576,13 @@ void ap_spmd_free(ap_spmd *s) {
     free(s->carry);
     free(s->carry_off);
     free(s->defer);
+    for (int k = 0; k < s->n_slot; k++) sp_release(s, &s->slot[k]);
+    free(s->slot);
+    free(s->slot_busy);
+    free(s->mb_slot);
+    free(s->stash);
+    free(s->stash_off);
+    free(s->keep);
     for (int a = 0; a < AP_AXIS_COUNT; a++) ap_comm_free(s->comm[a]);
     free(s->pbuf);
     free((void *)s->pers);
@@ -625,9 +665,10 @@ void ap_spmd_set_steps(ap_spmd *s, int64_t steps) {
     if (s && steps >= 0) s->steps = steps;
 }
 
-/* The end of a step whose program ran (status st, local): the loss downloaded, the agreement,
- * then (on success everywhere) the updates committed over their leaves. */
-static ap_status finish_step(ap_spmd *s, ap_status st, double *loss) {
+/* The end of a step whose program ran (status st, local): the loss downloaded, the agreement
+ * over `agree` (the session's world, or a pipeline's world containing it), then (on success
+ * everywhere) the updates committed over their leaves. */
+static ap_status finish_step_on(ap_spmd *s, ap_status st, ap_comm *agree, double *loss) {
     double lv = 0.0;
     if (!st && s->loss_val >= 0) {
         size_t off;
@@ -641,7 +682,7 @@ static ap_status finish_step(ap_spmd *s, ap_status st, double *loss) {
             lv = f;
         }
     }
-    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    if ((st = ap_comm_all_ok(agree, st))) return st;
     /* Every rank succeeded: the updates replace their parameters and states. */
     for (int k = 0; k < s->n_commit && !st; k++) {
         int src = s->commit[2 * k], dst = s->commit[2 * k + 1];
@@ -653,10 +694,14 @@ static ap_status finish_step(ap_spmd *s, ap_status st, double *loss) {
                                  s->g->nodes[s->prog.val[dst].node]->name);
     }
     if (!st) st = ap_backend_synchronize(s->b);
-    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    if ((st = ap_comm_all_ok(agree, st))) return st;
     s->steps++;
     if (loss) *loss = lv;
     return AUTOPAR_OK;
+}
+
+static ap_status finish_step(ap_spmd *s, ap_status st, double *loss) {
+    return finish_step_on(s, st, s->world, loss);
 }
 
 static ap_status check_trainable(const ap_spmd *s, const char *fn) {
@@ -745,6 +790,7 @@ static ap_status setup_accum(ap_spmd *s) {
         if (!s->carry || !s->carry_off) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
     }
     if (!st && total) st = sp_alloc(s, total, "gradient accumulators", &s->acc);
+    if (!st) s->extra_predicted = total;
     if (!st) {
         size_t off = 0;
         s->n_carry = 0;
@@ -867,7 +913,8 @@ ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_fn feed, void
     double t_begin = sp_now();
     for (int k = 0; k < n_micro; k++) {
         if ((st = feed(ctx, k))) return st;   /* collective and agreed by contract */
-        st = run_range(s, &s->prog, &s->arena, s->pers, step_no, 0, s->split, s->defer);
+        st = run_range(s, &s->prog, &s->arena, s->pers, step_no, 0, s->split, s->defer,
+                       AUTOPAR_OK);
         if (!st) st = accumulate(s, k);
         if (!st) st = ap_backend_synchronize(s->b);
         if ((st = ap_comm_all_ok(s->world, st))) return st;
@@ -876,15 +923,278 @@ ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_fn feed, void
     if ((st = ap_comm_all_ok(s->world, st))) return st;
     /* The deferred sums (gradient synchronisation), once, on the accumulated values. */
     for (int i = 0; i < s->split && !st; i++)
-        if (s->defer[i]) st = run_range(s, &s->prog, &s->arena, s->pers, step_no, i, i + 1, NULL);
+        if (s->defer[i])
+            st = run_range(s, &s->prog, &s->arena, s->pers, step_no, i, i + 1, NULL, AUTOPAR_OK);
     if ((st = ap_comm_all_ok(s->world, st))) return st;
-    st = run_range(s, &s->prog, &s->arena, s->pers, step_no, s->split, s->prog.n_ins, NULL);
+    st = run_range(s, &s->prog, &s->arena, s->pers, step_no, s->split, s->prog.n_ins, NULL,
+                   AUTOPAR_OK);
     st = finish_step(s, st, loss);
     if (!st) {  /* step timers, as ap_spmd_step (feeding the micro-batches included) */
         s->t_step += sp_now() - t_begin;
         s->timed_steps++;
     }
     return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Pipeline stages: the step program run in parts (spmd.h, "Pipeline stages")                   */
+/* ------------------------------------------------------------------------------------------ */
+
+static bool is_state_kind(const ap_node *n) {
+    return n->kind == AUTOPAR_KIND_PARAM || n->kind == AUTOPAR_KIND_OPT_STATE ||
+           n->kind == AUTOPAR_KIND_CONSTANT;
+}
+
+/* Finds the backward part and the values to stash. Local. */
+static ap_status setup_stage(ap_spmd *s, int n_micro, int in_flight) {
+    const char *fn = "ap_spmd_stage_begin";
+    const sp_prog *p = &s->prog;
+    const autopar_graph *g = s->g;
+    ap_status st = s->split < 0 ? setup_accum(s) : AUTOPAR_OK;
+    if (st) return st;
+    int bwd = s->split;
+    for (int i = 0; i < s->split; i++)
+        if (g->nodes[p->ins[i].node]->phase != AUTOPAR_PHASE_FORWARD) {
+            bwd = i;
+            break;
+        }
+    for (int i = bwd; i < s->split; i++)
+        if (g->nodes[p->ins[i].node]->phase != AUTOPAR_PHASE_BACKWARD)
+            return ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: node '%s' (%s phase) runs inside the "
+                            "backward part of the stage", fn, g->nodes[p->ins[i].node]->name,
+                            ap_phase_name(g->nodes[p->ins[i].node]->phase));
+    bool *fwd_written = calloc((size_t)p->n_val + 1, sizeof *fwd_written);
+    bool *late_read = calloc((size_t)p->n_val + 1, sizeof *late_read);
+    if (!fwd_written || !late_read) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    for (int i = 0; !st && i < p->n_ins; i++) {
+        const sp_ins *in = &p->ins[i];
+        if (i < bwd) {
+            int w = in->kind == SP_COLL ? in->recv : in->out;
+            if (w >= 0) fwd_written[w] = true;
+            continue;
+        }
+        if (in->kind == SP_KERNEL)
+            for (int k = 0; k < in->call.n_src; k++) late_read[in->src[k]] = true;
+        else if (in->kind == SP_COLL)
+            late_read[in->send] = true;
+    }
+    /* the loss is read at the step's end (maybe by no instruction, when it is replicated) */
+    if (!st && s->loss_val >= 0) late_read[s->loss_val] = true;
+    int n = 0;
+    size_t total = 0;
+    for (int v = 0; !st && v < p->n_val; v++) {
+        bool need = false;
+        if (late_read[v] && !p->val[v].persistent) {
+            need = fwd_written[v];
+        } else if (late_read[v]) {   /* per micro-batch leaves: inputs and received activations */
+            const ap_node *nd = g->nodes[p->val[v].node];
+            need = nd->op == AP_OP_INPUT ||
+                   (s->role[nd->id] == 2 && nd->phase == AUTOPAR_PHASE_FORWARD &&
+                    !is_state_kind(nd));
+        }
+        late_read[v] = need;   /* reused: the stash set */
+        if (need) {
+            n++;
+            total += (p->val[v].bytes + SP_ALIGN - 1) / SP_ALIGN * SP_ALIGN;
+        }
+    }
+    if (!st) {
+        free(s->stash);
+        free(s->stash_off);
+        s->stash = malloc(sizeof(int) * (size_t)(n ? n : 1));
+        s->stash_off = malloc(sizeof(size_t) * (size_t)(n ? n : 1));
+        if (!s->stash || !s->stash_off) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+    }
+    if (!st) {
+        size_t off = 0;
+        s->n_stash = 0;
+        for (int v = 0; v < p->n_val; v++) {
+            if (!late_read[v]) continue;
+            s->stash[s->n_stash] = v;
+            s->stash_off[s->n_stash++] = off;
+            off += (p->val[v].bytes + SP_ALIGN - 1) / SP_ALIGN * SP_ALIGN;
+        }
+        s->stash_bytes = total;
+    }
+    if (!st && n_micro > s->cap_mb) {
+        int *m = realloc(s->mb_slot, sizeof(int) * (size_t)n_micro);
+        if (!m) st = ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+        else {
+            s->mb_slot = m;
+            s->cap_mb = n_micro;
+        }
+    }
+    for (int k = 0; !st && k < s->cap_mb; k++) s->mb_slot[k] = -1;
+    if (!st) {
+        s->bwd = bwd;
+        s->extra_predicted = s->acc.bytes + s->stash_bytes * (size_t)in_flight;
+    }
+    free(fwd_written);
+    free(late_read);
+    return st;
+}
+
+ap_status ap_spmd_stage_begin(ap_spmd *s, int n_micro, int in_flight) {
+    const char *fn = "ap_spmd_stage_begin";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    if (n_micro < 1 || in_flight < 1 || in_flight > n_micro)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: %d micro-batches, %d in flight", fn,
+                        n_micro, in_flight);
+    ap_status st = check_trainable(s, fn);
+    if (!st && (s->bwd < 0 || n_micro > s->cap_mb)) st = setup_stage(s, n_micro, in_flight);
+    for (int k = 0; !st && k < s->cap_mb; k++) s->mb_slot[k] = -1;
+    for (int k = 0; !st && k < s->n_slot; k++) s->slot_busy[k] = false;
+    return st;
+}
+
+/* Copies the stash values of this program between the arena / their buffers and slot `k`
+ * (save: into the slot). Local. */
+static ap_status stash_copy(ap_spmd *s, int slot, bool save) {
+    ap_status st = AUTOPAR_OK;
+    for (int c = 0; c < s->n_stash && !st; c++) {
+        int v = s->stash[c];
+        size_t bytes = s->prog.val[v].bytes, off;
+        if (!bytes) continue;
+        const ap_buffer *b = val_buf(&s->prog, &s->arena, s->pers, v, &off);
+        const char *name = s->g->nodes[s->prog.val[v].node]->name;
+        if (save) st = ap_backend_copy(s->b, &s->slot[slot], s->stash_off[c], b, off, bytes, name);
+        else st = ap_backend_copy(s->b, b, off, &s->slot[slot], s->stash_off[c], bytes, name);
+    }
+    return st;
+}
+
+static ap_status check_mb(const ap_spmd *s, int k, const char *fn) {
+    if (s->bwd < 0)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: call ap_spmd_stage_begin first", fn);
+    if (k < 0 || k >= s->cap_mb)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: micro-batch %d out of range", fn, k);
+    return AUTOPAR_OK;
+}
+
+ap_status ap_spmd_stage_forward(ap_spmd *s, int k, ap_status prior) {
+    const char *fn = "ap_spmd_stage_forward";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    ap_status st = check_mb(s, k, fn);
+    if (st) return st;   /* the same on every rank: nothing collective ran */
+    st = run_range(s, &s->prog, &s->arena, s->pers, s->steps + 1, 0, s->bwd, s->defer, prior);
+    if (st || s->n_stash == 0) return st;
+    int slot = -1;
+    for (int i = 0; i < s->n_slot && slot < 0; i++)
+        if (!s->slot_busy[i]) slot = i;
+    if (slot < 0) {
+        if (s->n_slot == s->cap_slot) {
+            int cap = s->cap_slot ? 2 * s->cap_slot : 4;
+            ap_buffer *nb = realloc(s->slot, sizeof *nb * (size_t)cap);
+            if (nb) s->slot = nb;
+            bool *nbusy = realloc(s->slot_busy, sizeof *nbusy * (size_t)cap);
+            if (nbusy) s->slot_busy = nbusy;
+            if (!nb || !nbusy) return ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
+            s->cap_slot = cap;
+        }
+        memset(&s->slot[s->n_slot], 0, sizeof s->slot[0]);
+        if ((st = sp_alloc(s, s->stash_bytes, "stashed activations", &s->slot[s->n_slot])))
+            return st;
+        s->slot_busy[s->n_slot] = false;
+        slot = s->n_slot++;
+    }
+    s->slot_busy[slot] = true;
+    s->mb_slot[k] = slot;
+    return stash_copy(s, slot, true);
+}
+
+ap_status ap_spmd_stage_backward(ap_spmd *s, int k, bool first, ap_status prior) {
+    const char *fn = "ap_spmd_stage_backward";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    ap_status st = check_mb(s, k, fn);
+    if (st) return st;
+    if (!prior && s->n_stash > 0) {
+        int slot = s->mb_slot[k];
+        if (slot < 0)
+            prior = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: micro-batch %d has no forward", fn, k);
+        else {
+            prior = stash_copy(s, slot, false);
+            s->slot_busy[slot] = false;
+            s->mb_slot[k] = -1;
+        }
+    }
+    st = run_range(s, &s->prog, &s->arena, s->pers, s->steps + 1, s->bwd, s->split, s->defer,
+                   prior);
+    if (!st) st = accumulate(s, first ? 0 : 1);
+    return st;
+}
+
+ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior) {
+    const char *fn = "ap_spmd_stage_apply";
+    if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
+    ap_status st = s->bwd < 0 ? ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: call "
+                                         "ap_spmd_stage_begin first", fn) : AUTOPAR_OK;
+    if (st) return st;
+    if (!prior) prior = restore_mean(s, n_micro);
+    int64_t step_no = s->steps + 1;
+    for (int i = 0; i < s->split; i++)   /* deferred gradient sums, once */
+        if (s->defer[i])
+            prior = run_range(s, &s->prog, &s->arena, s->pers, step_no, i, i + 1, NULL, prior);
+    return run_range(s, &s->prog, &s->arena, s->pers, step_no, s->split, s->prog.n_ins, NULL,
+                     prior);
+}
+
+ap_status ap_spmd_stage_finish(ap_spmd *s, ap_status st, ap_comm *agree, double *loss) {
+    if (!s || !agree)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_stage_finish: NULL argument");
+    return finish_step_on(s, st, agree, loss);
+}
+
+int ap_spmd_role(const ap_spmd *s, int node) {
+    return s && node >= 0 && node < s->g->n_nodes ? s->role[node] : 0;
+}
+
+bool ap_spmd_has_loss(const ap_spmd *s) { return s && s->loss_val >= 0; }
+
+void ap_spmd_add_timers(ap_spmd *s, double step, double comm) {
+    if (!s) return;
+    s->t_step += step;
+    s->t_coll += comm;
+    if (step > 0) s->timed_steps++;
+}
+
+/* Value of a node this rank can read or write as a shard: computed by the stage (role 1) or
+ * persistent (leaves, externals). */
+static ap_status shard_val(const ap_spmd *s, int node, size_t bytes, const char *fn, int *v) {
+    if (!s || node < 0 || node >= s->g->n_nodes)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: bad session or node", fn);
+    *v = s->role[node] ? s->node_val[node] : -1;
+    if (*v < 0)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor '%s' has no value on this stage", fn,
+                        s->g->nodes[node]->name);
+    if (s->prog.val[*v].bytes != bytes)
+        return ap_error(AUTOPAR_ERR_SHAPE, "%s: tensor '%s': shard of %zu bytes, %zu given", fn,
+                        s->g->nodes[node]->name, s->prog.val[*v].bytes, bytes);
+    return AUTOPAR_OK;
+}
+
+size_t ap_spmd_shard_bytes(const ap_spmd *s, int node) {
+    if (!s || node < 0 || node >= s->g->n_nodes || !s->role[node] || s->node_val[node] < 0)
+        return 0;
+    return s->prog.val[s->node_val[node]].bytes;
+}
+
+ap_status ap_spmd_shard_download(ap_spmd *s, int node, void *host, size_t bytes) {
+    int v = -1;
+    ap_status st = shard_val(s, node, bytes, "ap_spmd_shard_download", &v);
+    if (st || !bytes) return st;
+    size_t off;
+    const ap_buffer *b = val_buf(&s->prog, &s->arena, s->pers, v, &off);
+    return ap_backend_download(s->b, host, b, off, bytes, s->g->nodes[node]->name);
+}
+
+ap_status ap_spmd_shard_upload(ap_spmd *s, int node, const void *host, size_t bytes) {
+    int v = -1;
+    ap_status st = shard_val(s, node, bytes, "ap_spmd_shard_upload", &v);
+    if (!st && !s->prog.val[v].persistent)
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_shard_upload: tensor '%s' is computed "
+                      "by the stage", s->g->nodes[node]->name);
+    if (st || !bytes) return st;
+    return ap_backend_upload(s->b, &s->pbuf[v], 0, host, bytes, s->g->nodes[node]->name);
 }
 
 int64_t ap_spmd_steps(const ap_spmd *s) { return s ? s->steps : 0; }
@@ -1006,7 +1316,7 @@ void ap_spmd_get_stats(const ap_spmd *s, ap_spmd_stats *st) {
         if (s->prog.val[v].persistent) pers += s->pbuf[v].bytes;
     st->persistent_bytes = pers;
     st->transient_peak = s->prog.transient_peak;
-    st->predicted_peak = pers + s->prog.transient_peak;
+    st->predicted_peak = pers + s->prog.transient_peak + s->extra_predicted;
     st->arena_bytes = s->prog.arena_bytes;
     st->measured_peak = s->peak_bytes;
     st->plan_peak = s->plan_peak;

@@ -97,6 +97,12 @@ typedef struct ap_spmd_options {
      * gather into host memory and leave the backend memory peak untouched. Always the case for
      * device communicators (NCCL). Default false; tests set it to cover that path. */
     bool              device_reads;
+    /* Nodes of the stage whose values must stay readable (ap_spmd_shard_download) until the
+     * step program's end: a pipeline stage's boundary outputs, sent after the part of the step
+     * that computes them. Their arena slots are not reused (the memory plan counts that).
+     * NULL / 0: none. Read during ap_spmd_new only. */
+    const int        *keep_nodes;
+    int               n_keep;
 } ap_spmd_options;
 
 /* Defaults: seed 0, F32, not deterministic, host reads where possible. NULL-safe. */
@@ -214,6 +220,60 @@ typedef ap_status (*ap_spmd_feed_fn)(void *ctx, int k);
  * crossing it), and those of ap_spmd_step or of feed. No parameter or state changes on error. */
 AP_INTERNAL ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_fn feed,
                                          void *ctx, double *loss);
+
+/*
+ * Pipeline stages (runtime/pipeline.h drives these): the step program of a stage run in parts,
+ * so that the pipeline schedule can interleave micro-batches and boundary transfers.
+ *  - forward part: the instructions of FORWARD-phase nodes (the program's first part; graph
+ *    order puts every forward node before every backward node);
+ *  - backward part: the BACKWARD-phase instructions up to the optimizer cut of
+ *    ap_spmd_step_accum; after it the values crossing the cut are accumulated (first backward
+ *    of the step: copied);
+ *  - apply part: accumulators / B, the deferred gradient sums, the optimizer (as
+ *    ap_spmd_step_accum).
+ * Several micro-batches may be in flight between their forward and their backward: the values
+ * micro-batch k's backward reads from its forward (transient values written in the forward
+ * part and read later, inputs, and received activations) are copied into a stash slot after
+ * forward k and back before backward k. Slots are allocated on demand and kept; the predicted
+ * peak counts the accumulators and `in_flight` slots.
+ * Status convention: `prior` is this rank's status so far in the step; when it is a failure the
+ * part skips its kernels and local copies but still runs its collectives (so the stage's other
+ * ranks finish), and returns prior. The parts never agree; ap_spmd_stage_finish does, over the
+ * communicator given (the pipeline's world), and commits the updates only when every rank
+ * succeeded.
+ */
+/* Prepares a step of n_micro micro-batches with at most in_flight forwards not yet followed by
+ * their backward (1 <= in_flight <= n_micro). Local; the same result on every rank of the stage.
+ * Errors: AUTOPAR_ERR_INVALID_ARG, AUTOPAR_ERR_GRAPH (no optimizer), AUTOPAR_ERR_UNSUPPORTED (a
+ * program whose phases are not in forward / backward / apply order), AUTOPAR_ERR_NOMEM. */
+AP_INTERNAL ap_status ap_spmd_stage_begin(ap_spmd *s, int n_micro, int in_flight);
+/* Forward part of micro-batch k (its inputs and received activations written before). */
+AP_INTERNAL ap_status ap_spmd_stage_forward(ap_spmd *s, int k, ap_status prior);
+/* Backward part of micro-batch k (its received gradients written before); `first`: the first
+ * backward of the step (writes the accumulators). */
+AP_INTERNAL ap_status ap_spmd_stage_backward(ap_spmd *s, int k, bool first, ap_status prior);
+/* Apply part, once per step after every backward. */
+AP_INTERNAL ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior);
+/* Ends the step: loss read, agreement over `agree` (collective over it), commit, step count.
+ * *loss (may be NULL) gets the mean loss when the stage computes it, else 0. */
+AP_INTERNAL ap_status ap_spmd_stage_finish(ap_spmd *s, ap_status st, ap_comm *agree,
+                                           double *loss);
+/* Role of node id in the stage: 0 not read, 1 computed (or a leaf) of the stage, 2 external. */
+AP_INTERNAL int  ap_spmd_role(const ap_spmd *s, int node);
+/* Whether the stage computes the loss. */
+AP_INTERNAL bool ap_spmd_has_loss(const ap_spmd *s);
+/* Bytes of this rank's shard of a node's value (0 when it has none). */
+AP_INTERNAL size_t ap_spmd_shard_bytes(const ap_spmd *s, int node);
+/* Copies this rank's shard of a node's current value (in the backend's element size: raw
+ * bytes) to / from host memory. Download: any node with a value (a computed value must still be
+ * live: a kept node, or one read right after the part computing it); upload: persistent values
+ * only (leaves and externals). Local. Errors: AUTOPAR_ERR_INVALID_ARG, AUTOPAR_ERR_SHAPE (bytes
+ * differ from the shard's), AUTOPAR_ERR_BACKEND. */
+AP_INTERNAL ap_status ap_spmd_shard_download(ap_spmd *s, int node, void *host, size_t bytes);
+AP_INTERNAL ap_status ap_spmd_shard_upload(ap_spmd *s, int node, const void *host, size_t bytes);
+/* Adds a pipeline's step time and its point-to-point time to the stage's timers (a step with
+ * step > 0 counts as timed). */
+AP_INTERNAL void ap_spmd_add_timers(ap_spmd *s, double step, double comm);
 
 /* Number of completed steps. */
 AP_INTERNAL int64_t ap_spmd_steps(const ap_spmd *s);

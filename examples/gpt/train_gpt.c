@@ -4,7 +4,7 @@
  *
  *   mpirun -np 4 ./train_gpt [--data FILE] [--layers 2] [--hidden 64] [--heads 4] [--seq 32]
  *               [--batch 8] [--steps 600] [--lr 2e-3] [--seed 42] [--every 50]
- *               [--cluster FILE.json] [--method auto|shard|dp|zero2]
+ *               [--cluster FILE.json] [--method auto|shard|dp|zero2] [--micro 1]
  *
  * autopar_parallelize plans the model for the cluster (the "cpu" preset with one host of
  * world-size devices, or --cluster FILE.json with world-size devices), rank 0 prints the plan,
@@ -37,16 +37,17 @@ typedef struct args {
     uint64_t    seed;
     const char *cluster;
     autopar_method method;
+    int         micro;
 } args;
 
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s [--data FILE] [--layers N] [--hidden N] [--heads N] [--seq N] [--batch N]\n"
             "          [--steps N] [--lr X] [--seed N] [--every N] [--cluster FILE.json]\n"
-            "          [--method auto|shard|dp|zero2]\n"
+            "          [--method auto|shard|dp|zero2] [--micro B]\n"
             "defaults: --data %s/examples/data/tiny_corpus.txt --layers 2 --hidden 64 --heads 4\n"
             "          --seq 32 --batch 8 --steps 600 --lr 2e-3 --seed 42 --every 50\n"
-            "          --method auto, cluster: the \"cpu\" preset with one device per rank\n",
+            "          --method auto --micro 1, cluster: the \"cpu\" preset with one device per rank\n",
             prog, AUTOPAR_SOURCE_DIR);
 }
 
@@ -82,6 +83,7 @@ static int parse_args(int argc, char **argv, args *a) {
         else if (!strcmp(f, "--hidden")) a->hidden = strtoll(v, &end, 10);
         else if (!strcmp(f, "--seq")) a->seq = strtoll(v, &end, 10);
         else if (!strcmp(f, "--batch")) a->batch = strtoll(v, &end, 10);
+        else if (!strcmp(f, "--micro")) a->micro = (int)strtol(v, &end, 10);
         else if (!strcmp(f, "--lr")) a->lr = strtod(v, &end);
         else if (!strcmp(f, "--seed")) a->seed = strtoull(v, &end, 10);
         else {
@@ -97,6 +99,10 @@ static int parse_args(int argc, char **argv, args *a) {
         fprintf(stderr, "%s: --steps, --every and --lr must be > 0\n", argv[0]);
         return 1;
     }
+    if (a->micro < 1 || a->batch % a->micro != 0) {
+        fprintf(stderr, "%s: --micro must be >= 1 and divide --batch\n", argv[0]);
+        return 1;
+    }
     return 0;
 }
 
@@ -104,7 +110,7 @@ int main(int argc, char **argv) {
     args a = {.data = AUTOPAR_SOURCE_DIR "/examples/data/tiny_corpus.txt",
               .layers = 2, .hidden = 64, .heads = 4, .seq = 32, .batch = 8,
               .steps = 600, .every = 50, .lr = 2e-3, .seed = 42,
-              .method = AUTOPAR_METHOD_PIPESHARD};
+              .method = AUTOPAR_METHOD_PIPESHARD, .micro = 1};
     int rank = 0, size = 1;
     if (autopar_world(&rank, &size) != AUTOPAR_OK) {
         fprintf(stderr, "train_gpt: %s\n", autopar_last_error());
@@ -136,7 +142,8 @@ int main(int argc, char **argv) {
     int32_t *tokens = NULL, *targets = NULL;
 
     gpt_config cfg = {.layers = a.layers, .hidden = a.hidden, .heads = a.heads, .seq = a.seq,
-                      .vocab = MODEL_BYTE_VOCAB, .batch = a.batch, .mark_layers = 0};
+                      .vocab = MODEL_BYTE_VOCAB, .batch = a.batch / a.micro,
+                      .mark_layers = 0};   /* the graph is one micro-batch */
     autopar_tensor *loss = NULL;
     autopar_optimizer opt;
     autopar_optimizer_default(&opt);  /* AdamW */
@@ -146,7 +153,7 @@ int main(int argc, char **argv) {
     if (model_gpt_build(g, &cfg, &loss) != AUTOPAR_OK) goto fail;
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
 
-    if (example_plan(g, a.cluster, a.method, rank, size, "train_gpt", &cl, &plan)) goto fail;
+    if (example_plan(g, a.cluster, a.method, a.micro, size, &cl, &plan)) goto fail;
 
     const int64_t n = a.batch * a.seq;
     int64_t n_params = 0;

@@ -4,6 +4,7 @@
  *
  *   mpirun -np 4 ./train_mlp [--dim 64] [--batch 256] [--steps 300] [--lr 2e-3] [--seed 42]
  *                            [--every 25] [--cluster FILE.json] [--method auto|shard|dp|zero2]
+ *                            [--micro 1]
  *
  * The graph is built at the (micro-)batch size, autopar_parallelize plans it for the cluster
  * (the "cpu" preset with one host of world-size devices, or --cluster FILE.json, which must
@@ -29,14 +30,15 @@ typedef struct args {
     uint64_t seed;
     const char *cluster;
     autopar_method method;
+    int         micro;
 } args;
 
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s [--dim N] [--batch N] [--steps N] [--lr X] [--seed N] [--every N]\n"
-            "          [--cluster FILE.json] [--method auto|shard|dp|zero2]\n"
+            "          [--cluster FILE.json] [--method auto|shard|dp|zero2] [--micro B]\n"
             "defaults: --dim 64 --batch 256 --steps 300 --lr 2e-3 --seed 42 --every 25\n"
-            "          --method auto, cluster: the \"cpu\" preset with one device per rank\n",
+            "          --method auto --micro 1, cluster: the \"cpu\" preset with one device per rank\n",
             prog);
 }
 
@@ -64,6 +66,7 @@ static int parse_args(int argc, char **argv, args *a) {
         }
         if (!strcmp(f, "--dim")) a->dim = strtoll(v, &end, 10);
         else if (!strcmp(f, "--batch")) a->batch = strtoll(v, &end, 10);
+        else if (!strcmp(f, "--micro")) a->micro = (int)strtol(v, &end, 10);
         else if (!strcmp(f, "--steps")) a->steps = (int)strtol(v, &end, 10);
         else if (!strcmp(f, "--every")) a->every = (int)strtol(v, &end, 10);
         else if (!strcmp(f, "--lr")) a->lr = strtod(v, &end);
@@ -81,12 +84,16 @@ static int parse_args(int argc, char **argv, args *a) {
         fprintf(stderr, "%s: --dim, --batch, --steps, --every and --lr must be > 0\n", argv[0]);
         return 1;
     }
+    if (a->micro < 1 || a->batch % a->micro != 0) {
+        fprintf(stderr, "%s: --micro must be >= 1 and divide --batch\n", argv[0]);
+        return 1;
+    }
     return 0;
 }
 
 int main(int argc, char **argv) {
     args a = {.dim = 64, .batch = 256, .steps = 300, .every = 25, .lr = 2e-3, .seed = 42,
-              .method = AUTOPAR_METHOD_PIPESHARD};
+              .method = AUTOPAR_METHOD_PIPESHARD, .micro = 1};
     int rank = 0, size = 1;
     if (autopar_world(&rank, &size) != AUTOPAR_OK) {
         fprintf(stderr, "train_mlp: %s\n", autopar_last_error());
@@ -105,7 +112,10 @@ int main(int argc, char **argv) {
     autopar_session *sess = NULL;
     float *x = NULL, *y = NULL;
 
-    mlp_config cfg = {.batch = a.batch, .dim = a.dim, .mark_layers = 0};
+    /* the graph is one micro-batch; a step's data is the global batch */
+    mlp_config cfg = {.batch = a.batch / a.micro, .dim = a.dim, .mark_layers = 0};
+    mlp_config global = cfg;
+    global.batch = a.batch;
     autopar_tensor *loss = NULL;
     autopar_optimizer opt;
     autopar_optimizer_default(&opt);  /* AdamW */
@@ -115,7 +125,7 @@ int main(int argc, char **argv) {
     if (model_mlp_build(g, &cfg, &loss) != AUTOPAR_OK) goto fail;
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
 
-    if (example_plan(g, a.cluster, a.method, rank, size, "train_mlp", &cl, &plan)) goto fail;
+    if (example_plan(g, a.cluster, a.method, a.micro, size, &cl, &plan)) goto fail;
     if (rank == 0) {
         printf("train_mlp: dim %lld, batch %lld, steps %d, AdamW lr %g, seed %llu, %d rank%s\n",
                (long long)a.dim, (long long)a.batch, a.steps, a.lr, (unsigned long long)a.seed,
@@ -135,7 +145,7 @@ int main(int argc, char **argv) {
 
     double first = 0.0, last = 0.0, t_step = 0.0;
     for (int step = 0; step < a.steps; step++) {
-        model_mlp_batch(&cfg, /*teacher_seed=*/1234, /*batch_seed=*/a.seed, step, x, y);
+        model_mlp_batch(&global, /*teacher_seed=*/1234, /*batch_seed=*/a.seed, step, x, y);
         double t0 = example_now_s();
         if (autopar_session_write_input(sess, "x", x, n) != AUTOPAR_OK) goto fail;
         if (autopar_session_write_input(sess, "y", y, n) != AUTOPAR_OK) goto fail;

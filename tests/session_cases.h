@@ -1,0 +1,222 @@
+/*
+ * Shared by the MPI session tests (mpi_test_session.c, mpi_test_pipeline.c): the MLP and small
+ * GPT test models, their deterministic batches, and run_case, which trains a model under a plan
+ * through public sessions and compares every step's loss and the final parameters and optimizer
+ * states with the single-device reference executor.
+ * Tolerances:
+ *  - loss of every step: relative error <= 1e-5;
+ *  - every parameter and optimizer state after 3 steps: SGD, max-norm relative error <= 1e-5;
+ *    AdamW, |a - b| <= 2 lr per step (AdamW turns float32 summation-order noise in gradients
+ *    that are ~0 into moves of up to lr, so exact agreement cannot hold; see
+ *    tests/mpi_test_spmd.c, where float64 runs match to 1e-12).
+ * Include once per test program, after test_util.h and models.h.
+ */
+#ifndef AUTOPAR_SESSION_CASES_H
+#define AUTOPAR_SESSION_CASES_H
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_STEPS 3
+#define SEED 1234
+#define TOL 1e-5
+#define LR 1e-3
+#define MICRO 2   /* micro-batches of the gradient-accumulation cases */
+
+static int g_size;   /* world size */
+
+
+typedef struct model {
+    bool           gpt;
+    mlp_config     mc;
+    gpt_config     gc;
+    autopar_graph *g;
+    const char    *in_name[2];
+    int64_t        in_n[2];
+    float          lr;
+} model;
+
+/* Builds the model described by cfg's gpt flag and configuration (gc or mc). */
+static bool model_new_cfg(model *m, const model *cfg, autopar_optimizer_kind ok) {
+    memset(m, 0, sizeof *m);
+    bool gpt = cfg->gpt;
+    m->gpt = gpt;
+    autopar_tensor *loss = NULL;
+    autopar_optimizer o;
+    autopar_optimizer_default(&o);
+    o.kind = ok;
+    o.lr = ok == AUTOPAR_OPT_SGD ? 0.05f : (float)LR;
+    m->lr = o.lr;
+    if (autopar_graph_new(&m->g)) return false;
+    autopar_status st;
+    if (gpt) {
+        m->gc = cfg->gc;
+        st = model_gpt_build(m->g, &m->gc, &loss);
+    } else {
+        m->mc = cfg->mc;
+        st = model_mlp_build(m->g, &m->mc, &loss);
+    }
+    if (!st) st = autopar_build_training(m->g, loss, &o);
+    if (st) {
+        test_fail_at(__LINE__, "model build: %s", autopar_last_error());
+        autopar_graph_free(m->g);
+        m->g = NULL;
+        return false;
+    }
+    m->in_name[0] = gpt ? "tokens" : "x";
+    m->in_name[1] = gpt ? "targets" : "y";
+    for (int i = 0; i < 2; i++)
+        m->in_n[i] = autopar_tensor_numel(autopar_graph_find(m->g, m->in_name[i]));
+    return true;
+}
+
+__attribute__((unused)) static bool model_new(model *m, bool gpt, autopar_optimizer_kind ok) {
+    model cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gpt = gpt;
+    cfg.gc = (gpt_config){2, 32, 4, 8, 64, 8, 0};
+    cfg.mc = (mlp_config){32, 16, 0};
+    return model_new_cfg(m, &cfg, ok);
+}
+
+static void model_batch(const model *m, int64_t s, void *a, void *b) {
+    if (!m->gpt) {
+        model_mlp_batch(&m->mc, 7, 11, s, a, b);
+        return;
+    }
+    int32_t *t = a, *y = b;
+    uint64_t x = 0x9E3779B97F4A7C15ull * (uint64_t)(s + 1);
+    for (int64_t i = 0; i < m->in_n[0]; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        t[i] = (int32_t)((x >> 33) % (uint64_t)m->gc.vocab);
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        y[i] = (int32_t)((x >> 33) % (uint64_t)m->gc.vocab);
+    }
+}
+
+static bool is_state(const autopar_tensor *t) {
+    autopar_kind k = autopar_tensor_kind(t);
+    return k == AUTOPAR_KIND_PARAM || k == AUTOPAR_KIND_OPT_STATE;
+}
+
+/* Trains m for N_STEPS under a plan made with options opt on the "cpu" preset of one host with
+ * g_size devices, and compares losses, parameters and optimizer states with the single-device
+ * reference executor on rm (tolerances at the top of this file).
+ * m: the model the plan is made for (the micro-batch graph); rm: the reference model, the same
+ * model at the global batch (B x m's batch for B = opt->num_micro_batches; rm == m when B = 1). */
+static void run_case(const model *m, const model *rm, const autopar_options *opt,
+                     const char *what, bool sgd) {
+    autopar_cluster *cl = NULL;
+    autopar_plan *plan = NULL;
+    autopar_session *s = NULL;
+    int nn = autopar_graph_size(rm->g);
+    float **ref = calloc((size_t)nn, sizeof *ref);
+    void *a = malloc((size_t)rm->in_n[0] * 4), *b = malloc((size_t)rm->in_n[1] * 4);
+    double ref_loss[N_STEPS], worst_loss = 0, worst = 0;
+    char worst_name[AUTOPAR_MAX_NAME] = "";
+    if (!ref || !a || !b) {
+        test_fail_at(__LINE__, "out of memory");
+        goto done;
+    }
+    /* reference */
+    autopar_executor *ex = NULL;
+    EXPECT_OK(autopar_executor_new(rm->g, SEED, AUTOPAR_PRECISION_F32, &ex));
+    for (int st = 0; ex && st < N_STEPS; st++) {
+        model_batch(rm, st, a, b);
+        EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(rm->g, rm->in_name[0]), a,
+                                         rm->in_n[0]));
+        EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(rm->g, rm->in_name[1]), b,
+                                         rm->in_n[1]));
+        EXPECT_OK(autopar_executor_step(ex, &ref_loss[st]));
+    }
+    for (int id = 0; ex && id < nn; id++) {
+        const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
+        if (!is_state(t)) continue;
+        ref[id] = malloc((size_t)autopar_tensor_numel(t) * sizeof(float));
+        if (ref[id]) EXPECT_OK(autopar_executor_read(ex, t, ref[id], autopar_tensor_numel(t)));
+    }
+    autopar_executor_free(ex);
+
+    /* plan + session */
+    EXPECT_OK(autopar_cluster_preset("cpu", 1, g_size, &cl));
+    EXPECT_OK(autopar_parallelize(m->g, cl, opt, &plan));
+    if (!plan) goto done;
+    autopar_status st0 = autopar_session_new(plan, AUTOPAR_BACKEND_CPU, SEED, &s);
+    EXPECT(st0 == AUTOPAR_OK, "%s: autopar_session_new -> %s: %s", what,
+           autopar_status_str(st0), autopar_last_error());
+    for (int st = 0; s && st < N_STEPS; st++) {
+        model_batch(rm, st, a, b);   /* the global batch: micro micro-batches stacked */
+        EXPECT_OK(autopar_session_write_input(s, m->in_name[0], a, rm->in_n[0]));
+        EXPECT_OK(autopar_session_write_input(s, m->in_name[1], b, rm->in_n[1]));
+        double loss = NAN;
+        EXPECT_OK(autopar_session_step(s, &loss));
+        double e = fabs(loss - ref_loss[st]) / fabs(ref_loss[st]);
+        if (!(e <= TOL)) e = isnan(e) ? INFINITY : e;
+        if (e > worst_loss) worst_loss = e;
+        EXPECT(e <= TOL, "%s: step %d loss %.9g, reference %.9g (rel err %.3g)", what, st + 1,
+               loss, ref_loss[st], e);
+    }
+    if (s) EXPECT(autopar_session_steps(s) == N_STEPS, "%s: steps %lld", what,
+                  (long long)autopar_session_steps(s));
+    for (int id = 0; s && id < nn; id++) {
+        if (!ref[id]) continue;
+        const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
+        int64_t n = autopar_tensor_numel(t);
+        float *got = malloc((size_t)n * sizeof *got);
+        if (!got) continue;
+        EXPECT_OK(autopar_session_read_param(s, autopar_tensor_name(t), got, n));
+        double num = 0, den = 0;
+        for (int64_t i = 0; i < n; i++) {
+            double d = fabs((double)got[i] - (double)ref[id][i]);
+            if (d > num || d != d) num = d;
+            if (fabs((double)ref[id][i]) > den) den = fabs((double)ref[id][i]);
+        }
+        double rel = den > 0 ? num / den : num;
+        if (isnan(rel)) rel = num = INFINITY;
+        if (rel > worst) {
+            worst = rel;
+            snprintf(worst_name, sizeof worst_name, "%s", autopar_tensor_name(t));
+        }
+        if (sgd)
+            EXPECT(rel <= TOL, "%s: '%s' after %d steps: rel err %.3g", what,
+                   autopar_tensor_name(t), N_STEPS, rel);
+        else
+            EXPECT(num <= 2.0 * m->lr * N_STEPS, "%s: '%s' after %d steps: abs err %.3g beyond "
+                   "the AdamW drift bound", what, autopar_tensor_name(t), N_STEPS, num);
+        free(got);
+    }
+    /* memory: the runtime's measured peak within 10% of the lowering's prediction */
+    autopar_session_stats ss;
+    memset(&ss, 0, sizeof ss);
+    if (s) EXPECT_OK(autopar_session_stats_get(s, &ss));
+    EXPECT(!s || (ss.measured_peak_bytes >= ss.predicted_peak_bytes &&
+                  ss.measured_peak_bytes <= 1.10 * ss.predicted_peak_bytes),
+           "%s: measured peak %.0f bytes, predicted %.0f", what, ss.measured_peak_bytes,
+           ss.predicted_peak_bytes);
+    if (test_rank == 0)
+        printf("np %d %-36s stages %d: loss rel err <= %.1e, params+states max rel err %.1e "
+               "('%s'); rank 0 peak %.0f B measured / %.0f predicted\n", g_size, what,
+               autopar_plan_num_stages(plan), worst_loss, worst, worst_name,
+               ss.measured_peak_bytes, ss.predicted_peak_bytes);
+done:
+    autopar_session_free(s);
+    autopar_plan_free(plan);
+    autopar_cluster_free(cl);
+    for (int id = 0; ref && id < nn; id++) free(ref[id]);
+    free(ref);
+    free(a);
+    free(b);
+}
+
+/* The model m at batch m's / MICRO (the micro-batch graph of a step on m's batch). */
+__attribute__((unused)) static bool micro_model(model *mm, const model *m, bool sgd) {
+    model tmp = *m;
+    if (m->gpt) tmp.gc.batch /= MICRO;
+    else tmp.mc.batch /= MICRO;
+    return model_new_cfg(mm, &tmp, sgd ? AUTOPAR_OPT_SGD : AUTOPAR_OPT_ADAMW);
+}
+
+#endif
