@@ -18,7 +18,10 @@
  *    (1 x W/2), so every boundary tensor is resharded across meshes;
  *  - 4 stages (W >= 4, MLP): one layer per stage on W/4 devices each;
  *  - the automatic plan (stage DP) with 2 micro-batches (whatever it chooses).
- * Errors: a pipeline plan for another world size fails cleanly on every rank.
+ * Errors: a pipeline plan for another world size fails cleanly on every rank; a step whose
+ * second micro-batch has a token id out of the vocabulary (the embedding on stage 0 fails in
+ * the middle of the schedule) returns the same error on every rank of every stage, naming the
+ * tensor, without hanging and without changing any parameter; the next good step succeeds.
  */
 #include "autopar.h"
 #include "test_util.h"
@@ -140,6 +143,51 @@ static void error_cases(void) {
     autopar_graph_free(m.g);
 }
 
+/* A failure inside a pipelined step. */
+static void failing_step_case(void) {
+    model m, mm;
+    if (!build_pair(&mm, &m, true, false, 2)) return;
+    autopar_cluster *cl = NULL;
+    autopar_plan *plan = NULL;
+    autopar_session *s = NULL;
+    EXPECT_OK(autopar_cluster_preset("cpu", 1, g_size, &cl));
+    EXPECT_OK(autopar_parallelize(mm.g, cl, manual(2, 2, 0, 0, 0, 0, 2, AUTOPAR_SCHEDULE_1F1B),
+                                  &plan));
+    if (plan) EXPECT_OK(autopar_session_new(plan, AUTOPAR_BACKEND_CPU, SEED, &s));
+    int32_t *t = malloc((size_t)m.in_n[0] * 4), *y = malloc((size_t)m.in_n[1] * 4);
+    int64_t nw = autopar_tensor_numel(autopar_graph_find(m.g, "wte"));
+    float *w0 = malloc((size_t)nw * 4), *w1 = malloc((size_t)nw * 4);
+    if (s && t && y && w0 && w1) {
+        EXPECT_OK(autopar_session_read_param(s, "wte", w0, nw));
+        model_batch(&m, 0, t, y);
+        t[m.in_n[0] - 1] = (int32_t)m.gc.vocab + 5;   /* in the second micro-batch */
+        EXPECT_OK(autopar_session_write_input(s, "tokens", t, m.in_n[0]));
+        EXPECT_OK(autopar_session_write_input(s, "targets", y, m.in_n[1]));
+        double loss = 0;
+        autopar_status st = autopar_session_step(s, &loss);
+        EXPECT(st != AUTOPAR_OK && strstr(autopar_last_error(), "out of range"),
+               "bad token in a pipelined step: %s: %s", autopar_status_str(st),
+               autopar_last_error());
+        if (test_rank == 0) printf("np %d bad token in micro-batch 1: %s\n", g_size,
+                                   autopar_last_error());
+        EXPECT(autopar_session_steps(s) == 0, "failed step counted");
+        EXPECT_OK(autopar_session_read_param(s, "wte", w1, nw));
+        EXPECT(memcmp(w0, w1, (size_t)nw * 4) == 0, "a failed step changed 'wte'");
+        model_batch(&m, 0, t, y);
+        EXPECT_OK(autopar_session_write_input(s, "tokens", t, m.in_n[0]));
+        EXPECT_OK(autopar_session_step(s, &loss));
+        EXPECT(isfinite(loss) && loss > 0, "loss after recovery %g", loss);
+    }
+    free(t);
+    free(y);
+    free(w0);
+    free(w1);
+    autopar_session_free(s);
+    autopar_plan_free(plan);
+    autopar_cluster_free(cl);
+    free_pair(&mm, &m);
+}
+
 int main(void) {
     if (autopar_world(&test_rank, &g_size)) {
         fprintf(stderr, "autopar_world: %s\n", autopar_last_error());
@@ -153,6 +201,7 @@ int main(void) {
     for (int gpt = 0; gpt < 2; gpt++)
         for (int sgd = 0; sgd < 2; sgd++) pipeline_cases(gpt, sgd);
     error_cases();
+    failing_step_case();
     int failures = test_failures;
     if (test_rank == 0) printf("np %d: %s\n", g_size, failures ? "FAILED" : "ok");
     autopar_finalize();
