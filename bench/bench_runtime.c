@@ -5,11 +5,13 @@
  * communication / runtime overhead (autopar_session_stats_get), memory (predicted / measured
  * peak) and the plan's predicted step time next to the measured one.
  *
- *   mpirun -np 2 ./bench_runtime [--steps 10] [--warmup 2] [--model mlp|gpt|all]
+ *   mpirun -np 2 ./bench_runtime [--steps 10] [--warmup 2] [--model mlp|gpt|pipe|all]
  *                                [--cluster FILE.json] [--calibrate]
  *
  * Models: MLP dim 1024, global batch 2048, method data-parallel; GPT 2 layers, hidden 256,
- * 4 heads, seq 128, vocab 256, batch 16, method shard (the automatic intra-op plan, one stage).
+ * 4 heads, seq 128, vocab 256, batch 16, method shard (the automatic intra-op plan, one stage);
+ * "pipe" (2+ ranks, even count): the same MLP as a 2-stage 1F1B pipeline (layers 0-1 | 2-3 on
+ * half the ranks each) over 4 micro-batches of 512 rows.
  * Plans are made for the "cpu" preset with one host of world-size devices (what the run uses);
  * --cluster FILE.json (world-size devices) adds a second prediction from that cluster.
  * --calibrate also measures this machine's figures for a cluster file: 1-thread sgemm GFLOP/s
@@ -60,13 +62,10 @@ typedef struct bench_args {
     int calibrate;
 } bench_args;
 
-/* Plans g for cluster c with method m; returns the estimated step time (or -1). */
-static double predict(const autopar_graph *g, const autopar_cluster *c, autopar_method m) {
-    autopar_options o;
-    autopar_options_default(&o);
-    o.method = m;
+/* Plans g for cluster c with options o; returns the estimated step time (or -1). */
+static double predict(const autopar_graph *g, const autopar_cluster *c, const autopar_options *o) {
     autopar_plan *p = NULL;
-    if (autopar_parallelize(g, c, &o, &p) != AUTOPAR_OK) return -1.0;
+    if (autopar_parallelize(g, c, o, &p) != AUTOPAR_OK) return -1.0;
     autopar_plan_estimate e;
     double t = autopar_plan_get_estimate(p, &e) == AUTOPAR_OK ? e.step_time : -1.0;
     autopar_plan_free(p);
@@ -85,8 +84,14 @@ static int run_model(const char *name, const bench_args *a, int rank, int size) 
     int64_t n = 0, samples = 0, tokens = 0;
     autopar_method method;
     int is_gpt = !strcmp(name, "gpt");
+    /* "pipe": the MLP as a 2-stage pipeline (layers 0-1 | 2-3, each stage on half the ranks,
+     * logical mesh chosen by the pass), 4 micro-batches of 512 rows, 1F1B */
+    int is_pipe = !strcmp(name, "pipe");
+    enum { pipe_micro = 4 };
+    autopar_manual_stage ms[2] = {{0, 1, 1, size / 2, 0, 0, -1}, {2, 3, 1, size / 2, 0, 0, -1}};
 
-    mlp_config mc = {.batch = 2048, .dim = 1024, .mark_layers = 0};
+    mlp_config mc = {.batch = is_pipe ? 2048 / pipe_micro : 2048, .dim = 1024,
+                     .mark_layers = is_pipe};
     gpt_config gc = {.layers = 2, .hidden = 256, .heads = 4, .seq = 128, .vocab = 256,
                      .batch = 16, .mark_layers = 0};
     autopar_tensor *loss = NULL;
@@ -113,29 +118,37 @@ static int run_model(const char *name, const bench_args *a, int rank, int size) 
         }
     } else {
         if (model_mlp_build(g, &mc, &loss) != AUTOPAR_OK) goto fail;
-        method = AUTOPAR_METHOD_DATA_PARALLEL;
-        n = mc.batch * mc.dim;
-        samples = mc.batch;
+        method = is_pipe ? AUTOPAR_METHOD_PIPESHARD : AUTOPAR_METHOD_DATA_PARALLEL;
+        mlp_config global = mc;
+        global.batch = 2048;
+        n = global.batch * global.dim;
+        samples = global.batch;
         tokens = 0;
         in0_name = "x";
         in1_name = "y";
         in0 = malloc((size_t)n * sizeof(float));
         in1 = malloc((size_t)n * sizeof(float));
         if (!in0 || !in1) goto fail;
-        model_mlp_batch(&mc, 1234, 42, 0, (float *)in0, (float *)in1);
+        model_mlp_batch(&global, 1234, 42, 0, (float *)in0, (float *)in1);
     }
     if (autopar_build_training(g, loss, &opt) != AUTOPAR_OK) goto fail;
     if (autopar_cluster_preset("cpu", 1, size, &cl) != AUTOPAR_OK) goto fail;
     autopar_options o;
     autopar_options_default(&o);
     o.method = method;
+    if (is_pipe) {
+        o.num_micro_batches = pipe_micro;
+        o.stage_option = AUTOPAR_STAGE_MANUAL;
+        o.num_manual_stages = 2;
+        o.manual_stages = ms;
+    }
     if (autopar_parallelize(g, cl, &o, &plan) != AUTOPAR_OK) goto fail;
     autopar_plan_estimate est;
     if (autopar_plan_get_estimate(plan, &est) != AUTOPAR_OK) goto fail;
     double pred2 = -1.0;
     if (a->cluster) {
         if (autopar_cluster_load(a->cluster, &cl2) != AUTOPAR_OK) goto fail;
-        pred2 = predict(g, cl2, method);
+        pred2 = predict(g, cl2, &o);
         if (pred2 < 0) goto fail;
     }
     autopar_stage_info si;
@@ -320,6 +333,8 @@ int main(int argc, char **argv) {
     if (!strcmp(a.model, "mlp") || !strcmp(a.model, "all")) rc |= run_model("mlp", &a, rank, size);
     if (!rc && (!strcmp(a.model, "gpt") || !strcmp(a.model, "all")))
         rc |= run_model("gpt", &a, rank, size);
+    if (!rc && size >= 2 && size % 2 == 0 && (!strcmp(a.model, "pipe") || !strcmp(a.model, "all")))
+        rc |= run_model("pipe", &a, rank, size);
     autopar_finalize();
     return rc;
 }

@@ -66,3 +66,12 @@ for m in mlp gpt; do
     if (cl != "") printf ", %+.0f%% (%s)", e2, cl
     printf " (goal within 15%%)\n" }'
 done
+# The 2-stage pipeline (np2 only): against the data-parallel MLP of the same global batch.
+if grep -q '^RESULT model=pipe ' "$LOG_DIR/np2-t1.log"; then
+  awk -v s="$(field np2-t1 pipe step_ms)" -v d="$(field np2-t1 mlp step_ms)" \
+      -v o="$(field np2-t1 pipe overhead_pct)" -v c="$(field np2-t1 pipe comm_ms)" \
+      -v e="$(field np2-t1 pipe pred_err_pct)" -v e2="$(field np2-t1 pipe pred2_err_pct)" -v cl="$CLUSTER" 'BEGIN{
+    printf "pipe: 2-stage 1F1B MLP (4 micro-batches) at np2 %.1f ms/step (data-parallel %.1f ms), comm+wait %.1f%%, overhead %.2f%%; prediction error %+.0f%% (\"cpu\")", s, d, 100*c/s, o, e
+    if (cl != "") printf ", %+.0f%% (%s)", e2, cl
+    printf "\n" }'
+fi
