@@ -117,7 +117,15 @@ ap_status ap_cuda_alloc(ap_cuda_ctx *ctx, size_t bytes, void **out) {
     snprintf(what, sizeof what, "ap_cuda_alloc(%zu bytes)", bytes);
     AP_CUDA_TRY(what, cudaSetDevice(ctx->device));
     void *p = NULL;
-    AP_CUDA_TRY(what, cudaMalloc(&p, bytes));
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+        /* an out-of-memory error is not sticky: clear it, so that the next CUDA call (a
+         * smaller allocation, a kernel launch checked with cudaGetLastError) does not report
+         * it again */
+        (void)cudaGetLastError();
+        return ap_cuda_fail(what, "cudaMalloc", cudaGetErrorName(e), cudaGetErrorString(e),
+                            __FILE__, __LINE__);
+    }
     *out = p;
     return AUTOPAR_OK;
 }
