@@ -786,9 +786,9 @@ AUTOPAR_API int autopar_session_size(const autopar_session *s);
 /* Completed steps (0 for NULL). Local. */
 AUTOPAR_API int64_t autopar_session_steps(const autopar_session *s);
 
-/* Model FLOPs of one step (the graph's forward, backward and apply ops, counted once, times
- * the micro-batches): divide by the step time for the achieved FLOP/s of the job. 0 for NULL.
- * Local. */
+/* Model FLOPs of one step (the graph's forward and backward ops times the micro-batches, plus
+ * the optimizer's once): divide by the step time for the achieved FLOP/s of the job. 0 for
+ * NULL. Local. */
 AUTOPAR_API double autopar_session_flops_per_step(const autopar_session *s);
 
 /* ------------------------------------------------------------------------------------------ */

@@ -192,9 +192,12 @@ AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
                               &s->pipe)))
         goto fail;
     s->spmd = ap_pipeline_spmd(s->pipe);
-    for (int id = 0; id < p->graph->n_nodes; id++)
-        s->flops += ap_node_flops(p->graph, p->graph->nodes[id]);
-    s->flops *= p->n_micro_batches;
+    /* forward and backward once per micro-batch, the optimizer once per step */
+    for (int id = 0; id < p->graph->n_nodes; id++) {
+        const ap_node *nd = p->graph->nodes[id];
+        s->flops += ap_node_flops(p->graph, nd) *
+                    (nd->phase == AUTOPAR_PHASE_APPLY ? 1 : p->n_micro_batches);
+    }
     *out = s;
     return AUTOPAR_OK;
 fail:
