@@ -217,7 +217,7 @@ static ap_status make_transfers(ap_pipeline *pp, int my_rank, const ap_spmd_opti
 /* Creation                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
-static bool g_loss_in(const autopar_plan *p, int s) {
+static bool computes_loss(const autopar_plan *p, int s) {
     int loss = p->graph->loss;
     return loss >= 0 && p->stages[s].shard && p->stages[s].shard->node[loss].in_stage;
 }
@@ -255,7 +255,7 @@ ap_status ap_pipeline_new(const autopar_plan *p, ap_backend *b, ap_comm *world,
                 pp->stage = s;
                 index = k;
             }
-        if (!st && g_loss_in(p, s)) pp->loss_stage = s;
+        if (!st && computes_loss(p, s)) pp->loss_stage = s;
     }
     if (!st && (total != size || pp->stage < 0))
         st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: the plan's stages use %d devices, the world "

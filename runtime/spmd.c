@@ -1024,7 +1024,6 @@ static ap_status setup_stage(ap_spmd *s, int n_micro, int in_flight) {
             s->cap_mb = n_micro;
         }
     }
-    for (int k = 0; !st && k < s->cap_mb; k++) s->mb_slot[k] = -1;
     if (!st) {
         s->bwd = bwd;
         s->extra_predicted = s->acc.bytes + s->stash_bytes * (size_t)in_flight;
