@@ -195,24 +195,7 @@ static void checkpoint_case(void) {
         }
         EXPECT_OK(autopar_session_save(sa, path));
         EXPECT_OK(autopar_session_load(sb, path));
-        int differ = 0;
-        for (int id = 0; id < autopar_graph_size(m.g); id++) {
-            const autopar_tensor *tt = autopar_graph_tensor(m.g, id);
-            if (!is_state(tt)) continue;
-            int64_t n = autopar_tensor_numel(tt);
-            float *a = malloc((size_t)n * 4), *b = malloc((size_t)n * 4);
-            if (a && b) {
-                EXPECT_OK(autopar_session_read_param(sa, autopar_tensor_name(tt), a, n));
-                EXPECT_OK(autopar_session_read_param(sb, autopar_tensor_name(tt), b, n));
-                if (memcmp(a, b, (size_t)n * 4) != 0) {
-                    differ++;
-                    test_fail_at(__LINE__, "checkpoint: '%s' differs after load",
-                                 autopar_tensor_name(tt));
-                }
-            }
-            free(a);
-            free(b);
-        }
+        int differ = states_differ(sa, sb, m.g);
         model_batch(&m, 2, t, y);
         EXPECT_OK(autopar_session_write_input(sa, "tokens", t, m.in_n[0]));
         EXPECT_OK(autopar_session_write_input(sa, "targets", y, m.in_n[1]));

@@ -136,24 +136,7 @@ static void checkpoint_case(void) {
         EXPECT_OK(autopar_session_load(sb, path));
         EXPECT(autopar_session_steps(sb) == 2, "loaded steps %lld",
                (long long)autopar_session_steps(sb));
-        int mismatched = 0;
-        for (int id = 0; id < autopar_graph_size(m.g); id++) {
-            const autopar_tensor *t = autopar_graph_tensor(m.g, id);
-            if (!is_state(t)) continue;
-            int64_t n = autopar_tensor_numel(t);
-            float *a = malloc((size_t)n * 4), *b = malloc((size_t)n * 4);
-            if (a && b) {
-                EXPECT_OK(autopar_session_read_param(sa, autopar_tensor_name(t), a, n));
-                EXPECT_OK(autopar_session_read_param(sb, autopar_tensor_name(t), b, n));
-                if (memcmp(a, b, (size_t)n * 4) != 0) {
-                    mismatched++;
-                    test_fail_at(__LINE__, "checkpoint: '%s' differs after load",
-                            autopar_tensor_name(t));
-                }
-            }
-            free(a);
-            free(b);
-        }
+        int mismatched = states_differ(sa, sb, m.g);
         model_batch(&m, 2, x, y);
         EXPECT_OK(autopar_session_write_input(sa, "x", x, m.in_n[0]));
         EXPECT_OK(autopar_session_write_input(sa, "y", y, m.in_n[1]));
