@@ -30,18 +30,17 @@
  *  - float64: losses, and every parameter and optimizer state after 3 steps, <= 1e-6 max-norm
  *    relative error (max |a - b| / max |b| per tensor; both sides are read back as float, so
  *    1 ulp of float is the floor; observed ~1e-12);
- *  - float32 parameters and states after 3 steps: printed, and only held to |a - b| <=
- *    2 lr steps. 1e-5 does not hold there, and cannot, under AdamW: its update
- *    m/(sqrt(v) + eps) is ~lr * sign(g) for |g| >> eps and lr * g / eps for |g| << eps, so a
- *    gradient element that is zero mathematically (the attention key bias: softmax ignores a
- *    constant added to a row) or the small difference of large terms (large batches) is float32
- *    summation noise whose sign and size depend on the summation order, and the SPMD run sums
- *    in a different order (per shard, then all-reduce) than the single device. Such elements
- *    move by up to ~lr per step in either run independently: observed up to ~8e-4 max-norm
- *    relative (6e-5 absolute) for the GPT and up to ~3e-5 for the MLP with batch 512, while
- *    the MLP cases with smaller batches stay below ~2e-6. With SGD (environment variable
- *    SPMD_TEST_SGD=1) every float32 parameter agrees to <= ~5e-7. The float64 runs, with 1e9
- *    times less summation noise, show that nothing but this amplification separates the runs.
+ *  - float32 parameters and states after 3 steps: <= 1e-5 max-norm relative error per tensor;
+ *    under AdamW a parameter element's tolerance is widened by the rounding error AdamW's
+ *    per-element normalisation propagates into it (adam_widen_step in test_util.h): its
+ *    update m/(sqrt(v) + eps) is ~lr * sign(g) whatever |g|, so a gradient error that is tiny
+ *    next to the tensor's largest gradient (the SPMD run sums in another order than the
+ *    single device: per shard, then across ranks) is large next to an element with a small
+ *    gradient, or with a gradient that is zero mathematically (the attention key bias: softmax
+ *    ignores a constant added to a row), and moves it by up to lr per step. The number of
+ *    elements whose tolerance grew over 10x is printed. With SGD (environment variable
+ *    SPMD_TEST_SGD=1) no widening applies. The float64 runs, with 1e9 times less summation
+ *    noise, show that nothing but rounding separates the runs.
  * Memory: every rank's predicted peak (memory plan, before running) and measured peak (the
  * runtime's allocations) are printed; they must agree within 10%.
  *
@@ -74,9 +73,7 @@
 #define SEED 1234
 #define TOL 1e-5          /* float32 losses                                                */
 #define TOL_F64 1e-6      /* float64 runs, compared after rounding both sides to float      */
-/* AdamW moves an element by at most ~lr per step whatever its gradient, so two float32 runs
- * whose gradients differ by rounding can drift apart by at most 2 lr per step. */
-#define ADAM_DRIFT (2.0 * 1e-3 * N_STEPS)
+#define ADAM_LR 1e-3      /* autopar_optimizer_default's                                    */
 #define MEM_TOL 0.10
 
 static int g_size;
@@ -99,6 +96,7 @@ typedef struct model {
     autopar_graph  *g;
     autopar_tensor *in[2];      /* x, y  or  tokens, targets                                  */
     int64_t         in_n[2];
+    bool            adamw;      /* the optimizer (SGD with SPMD_TEST_SGD=1)                  */
 } model;
 
 /* A small model over the ops the MLP and the GPT do not use the same way: slices of a wide
@@ -138,6 +136,7 @@ static bool model_new(model *m, int kind, int64_t batch, int64_t dim) {
     autopar_optimizer o;
     autopar_optimizer_default(&o);   /* AdamW */
     if (getenv("SPMD_TEST_SGD")) o.kind = AUTOPAR_OPT_SGD;
+    m->adamw = o.kind == AUTOPAR_OPT_ADAMW;
     if (autopar_graph_new(&m->g)) return false;
     autopar_status st;
     if (kind == MODEL_GPT) {
@@ -240,25 +239,6 @@ static const char *plan_kind(const model *m, const ap_shard_plan *p) {
 /* One case: 3 steps against the reference                                                     */
 /* ------------------------------------------------------------------------------------------ */
 
-/* max |a - b| / max |b| (max-norm relative error); *abs_err gets max |a - b|. */
-static double rel_max(const float *a, const float *b, int64_t n, double *abs_err) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - (double)b[i]);
-        if (d > num || d != d) num = d;
-        if (fabs((double)b[i]) > den) den = fabs((double)b[i]);
-    }
-    *abs_err = num;
-    return den > 0 ? num / den : num;
-}
-
-/* The tolerance policy for parameters and states (see the top of the file): float64 runs are
- * held to TOL_F64; float32 runs only to the AdamW drift bound ADAM_DRIFT (their errors are
- * printed). */
-static double param_tol(autopar_precision p) {
-    return p == AUTOPAR_PRECISION_F64 ? TOL_F64 : INFINITY;
-}
-
 static void run_case(const char *model_name, const char *want_kind, const model *m,
                      const ap_mesh *mesh, const ap_shard_plan *plan, autopar_precision prec,
                      bool device_reads) {
@@ -268,25 +248,38 @@ static void run_case(const char *model_name, const char *want_kind, const model 
     void *a = malloc(bytes0), *b = malloc(bytes0);
     int nn = autopar_graph_size(m->g);
     float **ref = calloc((size_t)nn, sizeof *ref);
-    double ref_loss[N_STEPS] = {0}, loss_err[N_STEPS] = {0}, worst = -1, worst_abs = 0;
+    double **widen = calloc((size_t)nn, sizeof *widen);
+    double ref_loss[N_STEPS] = {0}, loss_err[N_STEPS] = {0}, worst = -1;
+    int64_t n_widened = 0;
     char worst_name[AUTOPAR_MAX_NAME] = "";
-    double ptol = param_tol(prec), ltol = prec == AUTOPAR_PRECISION_F64 ? TOL_F64 : TOL;
-    if (!a || !b || !ref) {
+    double tol = prec == AUTOPAR_PRECISION_F64 ? TOL_F64 : TOL;
+    if (!a || !b || !ref || !widen) {
         test_fail_at(__LINE__, "out of memory");
         free(a);
         free(b);
         free(ref);
+        free(widen);
         return;
     }
 
     /* The single-device reference (every rank runs it; it is small). */
     autopar_executor *ex = NULL;
     EXPECT_OK(autopar_executor_new(m->g, SEED, prec, &ex));
+    /* float32 under AdamW: each parameter's widened tolerance (adam_widen_step in
+     * test_util.h) */
+    bool widened = prec == AUTOPAR_PRECISION_F32 && m->adamw;
+    for (int id = 0; ex && widened && id < nn; id++) {
+        const ap_node *n = (const ap_node *)autopar_graph_tensor(m->g, id);
+        if (n->op == AP_OP_PARAM &&
+            !(widen[id] = calloc((size_t)ap_shape_numel(&n->shape), sizeof(double))))
+            test_fail_at(__LINE__, "out of memory");
+    }
     for (int s = 0; ex && s < N_STEPS; s++) {
         model_batch(m, s, a, b);
         EXPECT_OK(autopar_executor_write(ex, m->in[0], a, m->in_n[0]));
         EXPECT_OK(autopar_executor_write(ex, m->in[1], b, m->in_n[1]));
         EXPECT_OK(autopar_executor_step(ex, &ref_loss[s]));
+        if (widened) adam_widen_graph(m->g, ex, s + 1, ADAM_LR, widen);
     }
     for (int id = 0; ex && id < nn; id++) {
         const autopar_tensor *t = autopar_graph_tensor(m->g, id);
@@ -316,7 +309,7 @@ static void run_case(const char *model_name, const char *want_kind, const model 
         EXPECT_OK(ap_spmd_step(sp, &loss));
         loss_err[s] = fabs(loss - ref_loss[s]) / fabs(ref_loss[s]);
         if (isnan(loss_err[s])) loss_err[s] = INFINITY;
-        EXPECT(loss_err[s] <= ltol, "%s %s %s on %dx%d: step %d loss %.9g, reference %.9g (rel "
+        EXPECT(loss_err[s] <= tol, "%s %s %s on %dx%d: step %d loss %.9g, reference %.9g (rel "
                "err %.3g)", model_name, want_kind, pn, mesh->shape[0], mesh->shape[1], s + 1, loss,
                ref_loss[s], loss_err[s]);
     }
@@ -327,18 +320,16 @@ static void run_case(const char *model_name, const char *want_kind, const model 
         float *got = malloc((size_t)n * sizeof *got);
         if (!got) continue;
         EXPECT_OK(ap_spmd_read(sp, t, got, n));
-        double ae = 0, e = rel_max(got, ref[id], n, &ae);
-        if (isnan(e)) e = ae = INFINITY;
+        state_error se;
+        compare_state(got, ref[id], widen[id], n, &se);
+        double e = se.rel;
+        n_widened += se.n_widened;
         if (e > worst) {
             worst = e;
             snprintf(worst_name, sizeof worst_name, "%s", autopar_tensor_name(t));
         }
-        if (ae > worst_abs) worst_abs = ae;
-        EXPECT(e <= ptol, "%s %s %s on %dx%d: '%s' after %d steps: rel err %.3g", model_name,
+        EXPECT(e <= tol, "%s %s %s on %dx%d: '%s' after %d steps: rel err %.3g", model_name,
                want_kind, pn, mesh->shape[0], mesh->shape[1], autopar_tensor_name(t), N_STEPS, e);
-        EXPECT(ae <= ADAM_DRIFT, "%s %s %s on %dx%d: '%s' after %d steps: abs err %.3g beyond "
-               "what AdamW rounding drift allows", model_name, want_kind, pn, mesh->shape[0],
-               mesh->shape[1], autopar_tensor_name(t), N_STEPS, ae);
         free(got);
     }
 
@@ -361,9 +352,9 @@ static void run_case(const char *model_name, const char *want_kind, const model 
         printf("%-4s %-5s %s (%s) mesh %dx%d: loss rel err", model_name, want_kind, pn,
                plan_kind(m, plan), mesh->shape[0], mesh->shape[1]);
         for (int s = 0; s < N_STEPS; s++) printf(" %.1e", loss_err[s]);
-        printf("; params+states max rel err %.1e ('%s', abs %.1e); %d coll/step, %d "
-               "deviations, %.2f s cpu\n", worst, worst_name, worst_abs, (int)all[2],
-               (int)all[3], secs);
+        printf("; params+states max rel err %.1e ('%s'; %lld elements with tolerance > 10x); "
+               "%d coll/step, %d deviations, %.2f s cpu\n", worst, worst_name,
+               (long long)n_widened, (int)all[2], (int)all[3], secs);
         printf("     peak bytes per rank, predicted/measured:");
         for (int k = 0; k < g_size; k++) printf(" %.0f/%.0f", all[4 * k], all[4 * k + 1]);
         printf("  (sharding pass estimate %.0f)\n", stt.plan_peak);
@@ -372,8 +363,12 @@ static void run_case(const char *model_name, const char *want_kind, const model 
     if (getenv("SPMD_TEST_VERBOSE") && sp && test_rank == 0) ap_spmd_print(sp, stdout);
     free(all);
     ap_spmd_free(sp);
-    for (int id = 0; id < nn; id++) free(ref[id]);
+    for (int id = 0; id < nn; id++) {
+        free(ref[id]);
+        free(widen[id]);
+    }
     free(ref);
+    free(widen);
     free(a);
     free(b);
 }

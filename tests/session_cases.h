@@ -5,10 +5,12 @@
  * states with the single-device reference executor.
  * Tolerances:
  *  - loss of every step: relative error <= 1e-5;
- *  - every parameter and optimizer state after 3 steps: SGD, max-norm relative error <= 1e-5;
- *    AdamW, |a - b| <= 2 lr per step (AdamW turns float32 summation-order noise in gradients
- *    that are ~0 into moves of up to lr, so exact agreement cannot hold; see
- *    tests/mpi_test_spmd.c, where float64 runs match to 1e-12).
+ *  - every parameter and optimizer state after 3 steps: max-norm relative error <= 1e-5 per
+ *    tensor; under AdamW, a parameter element's tolerance is widened by the float32 error that
+ *    AdamW's per-element normalisation propagates into it (adam_widen_step in test_util.h:
+ *    about lr * 1e-5 * G / sqrt(v^) per step, G the tensor's largest gradient), so elements
+ *    whose gradients are far below the tensor's largest, or rounding noise, are held to what
+ *    float32 can promise; how many elements got over 10x the base tolerance is printed.
  * Include once per test program, after test_util.h and models.h.
  */
 #ifndef AUTOPAR_SESSION_CASES_H
@@ -139,16 +141,24 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
     autopar_session *s = NULL;
     int nn = autopar_graph_size(rm->g);
     float **ref = calloc((size_t)nn, sizeof *ref);
+    double **widen = calloc((size_t)nn, sizeof *widen);
     void *a = malloc((size_t)rm->in_n[0] * 4), *b = malloc((size_t)rm->in_n[1] * 4);
     double ref_loss[N_STEPS], worst_loss = 0, worst = 0;
     char worst_name[AUTOPAR_MAX_NAME] = "";
-    if (!ref || !a || !b) {
+    if (!ref || !widen || !a || !b) {
         test_fail_at(__LINE__, "out of memory");
         goto done;
     }
-    /* reference */
+    /* reference; under AdamW also each parameter's widened tolerance (adam_widen_step in
+     * test_util.h) */
     autopar_executor *ex = NULL;
     EXPECT_OK(autopar_executor_new(rm->g, SEED, AUTOPAR_PRECISION_F32, &ex));
+    for (int id = 0; ex && !sgd && id < nn; id++) {
+        const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
+        if (autopar_tensor_kind(t) != AUTOPAR_KIND_PARAM) continue;
+        if (!(widen[id] = calloc((size_t)autopar_tensor_numel(t), sizeof(double))))
+            test_fail_at(__LINE__, "out of memory");
+    }
     for (int st = 0; ex && st < N_STEPS; st++) {
         model_batch(rm, st, a, b);
         EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(rm->g, rm->in_name[0]), a,
@@ -156,6 +166,7 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
         EXPECT_OK(autopar_executor_write(ex, autopar_graph_find(rm->g, rm->in_name[1]), b,
                                          rm->in_n[1]));
         EXPECT_OK(autopar_executor_step(ex, &ref_loss[st]));
+        if (!sgd) adam_widen_graph(rm->g, ex, st + 1, m->lr, widen);
     }
     for (int id = 0; ex && id < nn; id++) {
         const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
@@ -186,6 +197,7 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
     }
     if (s) EXPECT(autopar_session_steps(s) == N_STEPS, "%s: steps %lld", what,
                   (long long)autopar_session_steps(s));
+    int64_t n_widened = 0, n_param = 0;
     for (int id = 0; s && id < nn; id++) {
         if (!ref[id]) continue;
         const autopar_tensor *t = autopar_graph_tensor(rm->g, id);
@@ -193,24 +205,17 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
         float *got = malloc((size_t)n * sizeof *got);
         if (!got) continue;
         EXPECT_OK(autopar_session_read_param(s, autopar_tensor_name(t), got, n));
-        double num = 0, den = 0;
-        for (int64_t i = 0; i < n; i++) {
-            double d = fabs((double)got[i] - (double)ref[id][i]);
-            if (d > num || d != d) num = d;
-            if (fabs((double)ref[id][i]) > den) den = fabs((double)ref[id][i]);
-        }
-        double rel = den > 0 ? num / den : num;
-        if (isnan(rel)) rel = num = INFINITY;
-        if (rel > worst) {
-            worst = rel;
+        state_error e;
+        compare_state(got, ref[id], widen[id], n, &e);
+        n_widened += e.n_widened;
+        if (autopar_tensor_kind(t) == AUTOPAR_KIND_PARAM) n_param += n;
+        if (e.rel > worst) {
+            worst = e.rel;
             snprintf(worst_name, sizeof worst_name, "%s", autopar_tensor_name(t));
         }
-        if (sgd)
-            EXPECT(rel <= TOL, "%s: '%s' after %d steps: rel err %.3g", what,
-                   autopar_tensor_name(t), N_STEPS, rel);
-        else
-            EXPECT(num <= 2.0 * m->lr * N_STEPS, "%s: '%s' after %d steps: abs err %.3g beyond "
-                   "the AdamW drift bound", what, autopar_tensor_name(t), N_STEPS, num);
+        EXPECT(e.rel <= TOL, "%s: '%s' after %d steps: rel err %.3g%s", what,
+               autopar_tensor_name(t), N_STEPS, e.rel,
+               widen[id] ? " (AdamW-widened, see test_util.h)" : "");
         free(got);
     }
     /* memory: the runtime's measured peak within 10% of the lowering's prediction */
@@ -223,15 +228,20 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
            ss.predicted_peak_bytes);
     if (test_rank == 0)
         printf("np %d %-36s stages %d: loss rel err <= %.1e, params+states max rel err %.1e "
-               "('%s'); rank 0 peak %.0f B measured / %.0f predicted\n", g_size, what,
-               autopar_plan_num_stages(plan), worst_loss, worst, worst_name,
+               "('%s'; %lld of %lld parameter elements with tolerance > 10x); rank 0 peak %.0f B "
+               "measured / %.0f predicted\n", g_size, what, autopar_plan_num_stages(plan),
+               worst_loss, worst, worst_name, (long long)n_widened, (long long)n_param,
                ss.measured_peak_bytes, ss.predicted_peak_bytes);
 done:
     autopar_session_free(s);
     autopar_plan_free(plan);
     autopar_cluster_free(cl);
-    for (int id = 0; ref && id < nn; id++) free(ref[id]);
+    for (int id = 0; id < nn; id++) {
+        if (ref) free(ref[id]);
+        if (widen) free(widen[id]);
+    }
     free(ref);
+    free(widen);
     free(a);
     free(b);
 }
