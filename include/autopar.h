@@ -810,6 +810,12 @@ typedef struct autopar_session_stats {
     double  measured_peak_bytes;    /* this rank's live backend allocations, at most           */
     int     n_collectives;       /* per step                                                   */
     double  coll_bytes;          /* bytes this rank sends + receives per step                  */
+    /* Pipelines: what this rank sends per step to devices of other stages (boundary tensors,
+     * once per receiving tile), and to other devices of its own stage that hold the same
+     * received tile (the all-gather completing it). Payload bytes. */
+    int     n_cross_stage_messages;
+    double  cross_stage_bytes;
+    double  replica_gather_bytes;
 } autopar_session_stats;
 
 /* Writes s's statistics. Errors: AUTOPAR_ERR_INVALID_ARG (NULL). */

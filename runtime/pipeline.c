@@ -40,7 +40,9 @@ typedef struct px_xfer {
     ap_shape local;                /* this rank's shard shape (when it sends or receives)   */
     size_t  esz;
     int     n_send, n_recv;
-    px_msg *send, *recv;           /* this rank's messages                                   */
+    px_msg *send, *recv;           /* this rank's messages between the meshes                */
+    int     n_gather_send, n_gather_recv;
+    px_msg *gather_send, *gather_recv;   /* inside the receiving mesh, among replicas        */
 } px_xfer;
 
 struct ap_pipeline {
@@ -55,8 +57,7 @@ struct ap_pipeline {
     px_xfer     *x;
     int         *root;             /* per stage: world rank of its mesh device 0             */
     int          loss_stage;
-    int          p2p_messages;     /* sent per step                                          */
-    double       p2p_bytes;
+    ap_pipeline_traffic traffic;   /* this rank's sends per step                             */
 };
 
 static double px_now(void) {
@@ -101,8 +102,54 @@ static ap_status all_tiles(const ap_mesh *m, const ap_spec *s, const ap_shape *f
     return AUTOPAR_OK;
 }
 
-/* This rank's messages of transfer x: for every receiving device j and every distinct sending
- * tile meeting j's tile, the replica (j mod holders) of that tile sends the intersection. */
+static bool same_box(const int64_t *o, const int64_t *e, int a, int b, int w) {
+    return memcmp(o + (size_t)a * (size_t)w, o + (size_t)b * (size_t)w, sizeof *o * (size_t)w) == 0 &&
+           memcmp(e + (size_t)a * (size_t)w, e + (size_t)b * (size_t)w, sizeof *e * (size_t)w) == 0;
+}
+
+/* Devices of mesh m that hold device j's tile (not zeros of a pending sum), in device order,
+ * into members[]; returns how many, and j's place among them in *place. */
+static int replicas(const ap_mesh *m, const ap_spec *s, const int64_t *o, const int64_t *e,
+                    int w, int j, int *members, int *place) {
+    int h = 0;
+    *place = 0;
+    for (int r = 0; r < m->n_devices; r++) {
+        if (!same_box(o, e, r, j, w) || holds_zeros(m, s, r / m->shape[1], r % m->shape[1]))
+            continue;
+        if (r == j) *place = h;
+        members[h++] = r;
+    }
+    return h;
+}
+
+/* Part `place` of `h` of a tile (off, ext): the tile cut along its longest dimension into h
+ * near-equal slabs (some empty when that dimension is shorter than h). Returns its elements. */
+static size_t tile_part(int nd, const int64_t *off, const int64_t *ext, int place, int h,
+                        int64_t *poff, int64_t *pext) {
+    if (nd == 0) return place == 0;
+    int cut = 0;
+    for (int d = 1; d < nd; d++)
+        if (ext[d] > ext[cut]) cut = d;
+    size_t count = 1;
+    for (int d = 0; d < nd; d++) {
+        poff[d] = off[d];
+        pext[d] = ext[d];
+        if (d == cut) {
+            int64_t lo = ext[d] * place / h, hi = ext[d] * (place + 1) / h;
+            poff[d] = off[d] + lo;
+            pext[d] = hi - lo;
+        }
+        count *= (size_t)pext[d];
+    }
+    return count;
+}
+
+/* This rank's messages of transfer x. Every receiving tile crosses between the meshes once:
+ * its h replicas in the receiving mesh each fetch one part of it (tile_part), and then
+ * exchange their parts among themselves (a direct all-gather inside the receiving mesh, the
+ * x->gather messages). A part is fetched by tile intersection: for every distinct sending tile
+ * meeting it, one holder of that tile (replica j mod holders, to spread the sending) sends the
+ * intersection box. */
 static ap_status route(ap_pipeline *pp, px_xfer *x, int my_rank) {
     const autopar_plan *p = pp->plan;
     const ap_node *n = p->graph->nodes[x->node];
@@ -110,40 +157,53 @@ static ap_status route(ap_pipeline *pp, px_xfer *x, int my_rank) {
     const ap_spec *sb = &p->stages[x->to].shard->node[x->node].spec;
     ap_mesh *ma = NULL, *mb = NULL;
     int64_t *oa = NULL, *ea = NULL, *ob = NULL, *eb = NULL;
+    int *members = NULL;
     ap_status st = ap_plan_stage_mesh(p, x->from, &ma);
     if (!st) st = ap_plan_stage_mesh(p, x->to, &mb);
     if (!st) st = all_tiles(ma, sa, &n->shape, &oa, &ea);
     if (!st) st = all_tiles(mb, sb, &n->shape, &ob, &eb);
+    if (!st && !(members = malloc(sizeof *members * (size_t)(ma->n_devices + mb->n_devices))))
+        st = ap_error(AUTOPAR_ERR_NOMEM, "pipeline: out of memory");
     int nd = n->shape.ndim, w = nd > 0 ? nd : 1;
     for (int j = 0; !st && j < mb->n_devices; j++) {
         if (holds_zeros(mb, sb, j / mb->shape[1], j % mb->shape[1])) continue;
-        const int64_t *rj = ob + (size_t)j * (size_t)w, *rje = eb + (size_t)j * (size_t)w;
-        for (int i = 0; !st && i < ma->n_devices; i++) {
+        const int64_t *rj = ob + (size_t)j * (size_t)w;
+        int place = 0, h = replicas(mb, sb, ob, eb, w, j, members, &place);
+        int64_t pj[AP_MAX_DIMS] = {0}, pje[AP_MAX_DIMS] = {0};
+        size_t part = tile_part(nd, rj, eb + (size_t)j * (size_t)w, place, h, pj, pje);
+        int dst_rank = p->stages[x->to].devices[j];
+        /* the all-gather among the replicas: j's part to each other replica */
+        for (int q = 0; !st && part > 0 && q < h; q++) {
+            int peer = p->stages[x->to].devices[members[q]];
+            if (members[q] == j || (peer != my_rank && dst_rank != my_rank)) continue;
+            px_msg m;
+            memset(&m, 0, sizeof m);
+            m.count = part;
+            for (int d = 0; d < nd; d++) {
+                m.off[d] = pj[d] - rj[d];
+                m.ext[d] = pje[d];
+            }
+            m.peer = dst_rank == my_rank ? peer : dst_rank;
+            st = dst_rank == my_rank ? push_msg(&x->gather_send, &x->n_gather_send, &m)
+                                     : push_msg(&x->gather_recv, &x->n_gather_recv, &m);
+        }
+        for (int i = 0; !st && part > 0 && i < ma->n_devices; i++) {
             const int64_t *si = oa + (size_t)i * (size_t)w, *sie = ea + (size_t)i * (size_t)w;
             px_msg m;
             memset(&m, 0, sizeof m);
             m.count = 1;
             for (int d = 0; d < nd; d++) {
-                int64_t lo = si[d] > rj[d] ? si[d] : rj[d];
-                int64_t hi = si[d] + sie[d] < rj[d] + rje[d] ? si[d] + sie[d] : rj[d] + rje[d];
+                int64_t lo = si[d] > pj[d] ? si[d] : pj[d];
+                int64_t hi = si[d] + sie[d] < pj[d] + pje[d] ? si[d] + sie[d] : pj[d] + pje[d];
                 m.ext[d] = hi > lo ? hi - lo : 0;
                 m.off[d] = lo;
                 m.count *= (size_t)m.ext[d];
             }
             if (m.count == 0) continue;
-            /* replicas of tile i: devices with the same box; the (j mod holders)-th sends */
-            int holders = 0, chosen = -1;
-            for (int r = 0; r < ma->n_devices; r++)
-                holders += memcmp(oa + (size_t)r * (size_t)w, si, sizeof(int64_t) * (size_t)w) == 0 &&
-                           memcmp(ea + (size_t)r * (size_t)w, sie, sizeof(int64_t) * (size_t)w) == 0;
-            int want = j % holders;
-            for (int r = 0, seen = 0; r < ma->n_devices && chosen < 0; r++)
-                if (memcmp(oa + (size_t)r * (size_t)w, si, sizeof(int64_t) * (size_t)w) == 0 &&
-                    memcmp(ea + (size_t)r * (size_t)w, sie, sizeof(int64_t) * (size_t)w) == 0 &&
-                    seen++ == want)
-                    chosen = r;
-            if (chosen != i) continue;
-            int src_rank = p->stages[x->from].devices[i], dst_rank = p->stages[x->to].devices[j];
+            int place_a = 0, holders = replicas(ma, sa, oa, ea, w, i, members + mb->n_devices,
+                                                &place_a);
+            if (members[mb->n_devices + j % holders] != i) continue;
+            int src_rank = p->stages[x->from].devices[i];
             if (src_rank == my_rank) {
                 px_msg s = m;
                 s.peer = dst_rank;
@@ -158,6 +218,7 @@ static ap_status route(ap_pipeline *pp, px_xfer *x, int my_rank) {
             }
         }
     }
+    free(members);
     free(oa);
     free(ea);
     free(ob);
@@ -204,10 +265,15 @@ static ap_status make_transfers(ap_pipeline *pp, int my_rank, const ap_spmd_opti
         if (!st && (x->from == pp->stage || x->to == pp->stage))
             st = ap_spec_local_shape(pp->mesh, &p->stages[pp->stage].shard->node[x->node].spec,
                                      &n->shape, &x->local);
+        int times = x->kind == PX_LEAF ? 1 : p->n_micro_batches;
+        ap_pipeline_traffic *tf = &pp->traffic;
         for (int k = 0; k < x->n_send; k++) {
-            pp->p2p_messages += x->kind == PX_LEAF ? 1 : p->n_micro_batches;
-            pp->p2p_bytes += (double)(x->send[k].count * x->esz) *
-                             (x->kind == PX_LEAF ? 1 : p->n_micro_batches);
+            tf->cross_messages += times;
+            tf->cross_bytes += (double)(x->send[k].count * x->esz) * times;
+        }
+        for (int k = 0; k < x->n_gather_send; k++) {
+            tf->gather_messages += times;
+            tf->gather_bytes += (double)(x->gather_send[k].count * x->esz) * times;
         }
     }
     return st;
@@ -317,6 +383,8 @@ void ap_pipeline_free(ap_pipeline *pp) {
     for (int t = 0; t < pp->n_x; t++) {
         free(pp->x[t].send);
         free(pp->x[t].recv);
+        free(pp->x[t].gather_send);
+        free(pp->x[t].gather_recv);
     }
     free(pp->x);
     free(pp->root);
@@ -326,9 +394,9 @@ void ap_pipeline_free(ap_pipeline *pp) {
 int ap_pipeline_stage(const ap_pipeline *pp) { return pp ? pp->stage : -1; }
 ap_spmd *ap_pipeline_spmd(const ap_pipeline *pp) { return pp ? pp->spmd : NULL; }
 
-void ap_pipeline_p2p_per_step(const ap_pipeline *pp, int *messages, double *bytes) {
-    if (messages) *messages = pp ? pp->p2p_messages : 0;
-    if (bytes) *bytes = pp ? pp->p2p_bytes : 0.0;
+void ap_pipeline_get_traffic(const ap_pipeline *pp, ap_pipeline_traffic *out) {
+    memset(out, 0, sizeof *out);
+    if (pp) *out = pp->traffic;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -463,32 +531,93 @@ static ap_status add_recvs(ap_pipeline *pp, px_group *gr, px_kind kind) {
     return AUTOPAR_OK;
 }
 
-/* After the exchange: every received transfer's shard assembled and uploaded (every transfer
- * of the group's receive kinds, also those whose boxes are all empty here: zeros). */
-static ap_status finish_recvs(ap_pipeline *pp, px_group *gr, const bool kinds[3], ap_status st) {
+/* The status carried by received message k of group gr, folded into *st (first failure wins;
+ * a message that does not name its rank gets its sender's). */
+static void take_header(const px_group *gr, int k, ap_status *st) {
+    px_header h;
+    memcpy(&h, gr->bufs[k], sizeof h);
+    h.msg[sizeof h.msg - 1] = '\0';
+    if (*st || !h.status) return;
+    if (!strncmp(h.msg, "rank ", 5)) *st = ap_error((ap_status)h.status, "%s", h.msg);
+    else *st = ap_error((ap_status)h.status, "rank %d: %s", gr->ops[k].peer, h.msg);
+}
+
+/* Second round of a group that received tiles with replicas: each replica sends the part it
+ * fetched (in shards[t], host copies of the received tiles) to the others, and fills theirs
+ * in. Only ranks of this stage take part, all with the same transfers (same instructions). */
+static ap_status gather_parts(ap_pipeline *pp, const bool kinds[3], char **shards,
+                              ap_status *st, double *t_p2p) {
+    px_group gr;
+    memset(&gr, 0, sizeof gr);
+    ap_status a = AUTOPAR_OK;
+    for (int t = 0; t < pp->n_x && !a; t++) {
+        px_xfer *x = &pp->x[t];
+        if (!kinds[x->kind] || x->to != pp->stage) continue;
+        for (int k = 0; k < x->n_gather_send && !a; k++) {
+            char *buf = NULL;
+            a = group_add(&gr, AP_COMM_P2P_SEND, x->gather_send[k].peer,
+                          x->gather_send[k].count * x->esz, x, k, &buf);
+            if (a) break;
+            px_header h;
+            memset(&h, 0, sizeof h);
+            h.status = (int32_t)*st;
+            if (*st) snprintf(h.msg, sizeof h.msg, "%s", autopar_last_error());
+            else box_copy(&x->local, &x->gather_send[k], x->esz, shards[t], buf + PX_HEADER, true);
+            memcpy(buf, &h, sizeof h);
+        }
+        for (int k = 0; k < x->n_gather_recv && !a; k++) {
+            char *buf = NULL;
+            a = group_add(&gr, AP_COMM_P2P_RECV, x->gather_recv[k].peer,
+                          x->gather_recv[k].count * x->esz, x, k, &buf);
+        }
+    }
+    if (!a && gr.n > 0) {
+        double t0 = px_now();
+        a = ap_comm_exchange(pp->world, gr.ops, gr.n);
+        *t_p2p += px_now() - t0;
+    }
+    for (int k = 0; k < gr.n && !a; k++) {
+        if (gr.ops[k].kind != AP_COMM_P2P_RECV) continue;
+        take_header(&gr, k, st);
+        px_xfer *x = gr.x[k];
+        if (!*st) box_copy(&x->local, &x->gather_recv[gr.msg[k]], x->esz, shards[x - pp->x],
+                           gr.bufs[k] + PX_HEADER, false);
+    }
+    group_clear(&gr);
+    return a;
+}
+
+/* After the exchange: every received transfer's shard assembled (also those whose boxes are
+ * all empty here: zeros), completed by the replicas' all-gather, and uploaded. Returns non-OK
+ * only when the all-gather could not be posted; *st takes failures and received statuses. */
+static ap_status finish_recvs(ap_pipeline *pp, px_group *gr, const bool kinds[3], ap_status *st,
+                              double *t_p2p) {
+    char **shards = calloc((size_t)pp->n_x + 1, sizeof *shards);
+    if (!shards) return ap_error(AUTOPAR_ERR_NOMEM, "pipeline: out of host memory");
+    bool gathers = false;
     for (int t = 0; t < pp->n_x; t++) {
         px_xfer *x = &pp->x[t];
         if (!kinds[x->kind] || x->to != pp->stage) continue;
+        gathers = gathers || x->n_gather_send > 0 || x->n_gather_recv > 0;
         size_t bytes = ap_spmd_shard_bytes(pp->spmd, x->node);
-        char *shard = st ? NULL : calloc(1, bytes ? bytes : 1);
-        if (!st && !shard) st = ap_error(AUTOPAR_ERR_NOMEM, "pipeline: out of host memory");
+        if (!*st && !(shards[t] = calloc(1, bytes ? bytes : 1)))
+            *st = ap_error(AUTOPAR_ERR_NOMEM, "pipeline: out of host memory");
         for (int k = 0; k < gr->n; k++) {
             if (gr->x[k] != x || gr->ops[k].kind != AP_COMM_P2P_RECV) continue;
-            px_header h;
-            memcpy(&h, gr->bufs[k], sizeof h);
-            h.msg[sizeof h.msg - 1] = '\0';
-            if (!st && h.status) {
-                const char *m = h.msg;
-                if (!strncmp(m, "rank ", 5)) st = ap_error((ap_status)h.status, "%s", m);
-                else st = ap_error((ap_status)h.status, "rank %d: %s", gr->ops[k].peer, m);
-            }
-            if (!st) box_copy(&x->local, &x->recv[gr->msg[k]], x->esz, shard,
-                              gr->bufs[k] + PX_HEADER, false);
+            take_header(gr, k, st);
+            if (!*st) box_copy(&x->local, &x->recv[gr->msg[k]], x->esz, shards[t],
+                               gr->bufs[k] + PX_HEADER, false);
         }
-        if (!st) st = ap_spmd_shard_upload(pp->spmd, x->node, shard, bytes);
-        free(shard);
     }
-    return st;
+    ap_status a = gathers ? gather_parts(pp, kinds, shards, st, t_p2p) : AUTOPAR_OK;
+    for (int t = 0; t < pp->n_x; t++) {
+        if (!a && !*st && shards[t])
+            *st = ap_spmd_shard_upload(pp->spmd, pp->x[t].node, shards[t],
+                                       ap_spmd_shard_bytes(pp->spmd, pp->x[t].node));
+        free(shards[t]);
+    }
+    free(shards);
+    return a;
 }
 
 /* Runs one group: `n` schedule instructions (SEND/RECV kinds) or, with n == 0, the leaf
@@ -525,7 +654,7 @@ static ap_status run_group(ap_pipeline *pp, const ap_inst *in, int n, ap_status 
         a = ap_comm_exchange(pp->world, gr.ops, gr.n);
         *t_p2p += px_now() - t0;
     }
-    if (!a) *st = finish_recvs(pp, &gr, kinds, *st);
+    if (!a) a = finish_recvs(pp, &gr, kinds, st, t_p2p);
     group_clear(&gr);
     return a;
 }

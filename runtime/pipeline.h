@@ -9,11 +9,14 @@
  *  - this rank's stage program: the stage's shard plan, lowered with its boundary outputs kept
  *    alive until the step's end (they are sent after the part that computes them);
  *  - cross-mesh resharding of every tensor crossing stages (the plan's transfers) by tile
- *    intersection: for each device j of the receiving mesh and each distinct tile of the sending
- *    spec that meets j's tile, ONE holder of that tile (replica j mod holders) sends the
- *    intersection box; the union of a receiver's boxes is exactly its tile, and no box is sent
- *    twice to the same device. A receiver that holds zeros of a pending-sum spec gets nothing.
- *    A sender spec pending a sum is refused (AUTOPAR_ERR_UNSUPPORTED).
+ *    intersection, each receiving tile crossing between the meshes once (Alpa's local
+ *    all-gather): the h devices of the receiving mesh that hold the same tile (replicas) each
+ *    fetch one part of it (the tile cut into h slabs along its longest dimension), then send
+ *    their part to the other replicas inside the mesh. A part is fetched from every distinct
+ *    tile of the sending spec that meets it, by ONE holder of that tile (replica j mod
+ *    holders), as the intersection box; the union of a receiver's boxes is exactly its tile and
+ *    no box reaches a device twice. A receiver that holds zeros of a pending-sum spec gets
+ *    nothing. A sender spec pending a sum is refused (AUTOPAR_ERR_UNSUPPORTED).
  *  - transfer kinds: parameters, optimizer states and constants read by another stage are sent
  *    once at the start of every step (before any micro-batch); forward values (activations,
  *    inputs) after RUN_FORWARD k of the sending stage, received before RUN_FORWARD k of the
@@ -29,7 +32,9 @@
  * (backward part, gradients accumulated), APPLY (mean of the accumulators, gradient sums, the
  * optimizer); every maximal run of consecutive SEND/RECV instructions is posted as one group of
  * non-blocking point-to-point operations over the world and waited for together (the
- * schedule's "grouped" send semantics, which its simulation finds deadlock-free). Messages go
+ * schedule's "grouped" send semantics, which its simulation finds deadlock-free), followed,
+ * where received tiles have replicas, by a second group among the receiving stage's ranks
+ * only (the replicas' all-gather, which no other stage waits on). Messages go
  * through host memory over the world (MPI) communicator, whatever the backend.
  * Errors never hang: a rank whose part failed keeps following its list, skipping kernels but
  * taking part in every collective and message; each message carries its sender's status (and
@@ -89,7 +94,15 @@ AP_INTERNAL ap_status ap_pipeline_write(ap_pipeline *pp, const autopar_tensor *t
 AP_INTERNAL int64_t ap_pipeline_steps(const ap_pipeline *pp);
 AP_INTERNAL void    ap_pipeline_set_steps(ap_pipeline *pp, int64_t steps);
 
-/* Point-to-point statistics of this rank, per step: messages and payload bytes sent. */
-AP_INTERNAL void ap_pipeline_p2p_per_step(const ap_pipeline *pp, int *messages, double *bytes);
+/* Point-to-point traffic this rank sends per step (payload bytes, headers not counted). */
+typedef struct ap_pipeline_traffic {
+    int    cross_messages;   /* to devices of other stages                                  */
+    double cross_bytes;
+    int    gather_messages;  /* to replicas in this stage (all-gathers of received tiles)  */
+    double gather_bytes;
+} ap_pipeline_traffic;
+
+/* Writes pp's traffic (zeros for NULL or a one-stage plan). */
+AP_INTERNAL void ap_pipeline_get_traffic(const ap_pipeline *pp, ap_pipeline_traffic *out);
 
 #endif /* AUTOPAR_PIPELINE_H */

@@ -476,5 +476,10 @@ AUTOPAR_API autopar_status autopar_session_stats_get(const autopar_session *s,
     out->measured_peak_bytes = (double)st.measured_peak;
     out->n_collectives = st.n_collectives;
     out->coll_bytes = st.coll_bytes;
+    ap_pipeline_traffic tr;
+    ap_pipeline_get_traffic(s->pipe, &tr);
+    out->n_cross_stage_messages = tr.cross_messages;
+    out->cross_stage_bytes = tr.cross_bytes;
+    out->replica_gather_bytes = tr.gather_bytes;
     return AUTOPAR_OK;
 }

@@ -16,7 +16,9 @@
 #ifndef AUTOPAR_SESSION_CASES_H
 #define AUTOPAR_SESSION_CASES_H
 
+#include <cjson/cJSON.h>
 #include <math.h>
+#include <mpi.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,6 +131,35 @@ __attribute__((unused)) static int states_differ(autopar_session *sa, autopar_se
     return differ;
 }
 
+/* Payload bytes the plan's cross-stage transfers carry per step when every receiving tile
+ * crosses between the meshes exactly once: each transfer's tensor once (the distinct tiles of
+ * a spec partition it), parameters and other leaves once per step, activations and gradients
+ * once per micro-batch. */
+static double transfer_bytes_once(const autopar_plan *plan) {
+    const autopar_graph *g = autopar_plan_graph(plan);
+    char *text = NULL;
+    double bytes = 0;
+    EXPECT_OK(autopar_plan_to_json(plan, &text));
+    cJSON *root = text ? cJSON_Parse(text) : NULL;
+    const cJSON *tr = cJSON_GetObjectItemCaseSensitive(root, "transfers"), *x = NULL;
+    cJSON_ArrayForEach(x, tr) {
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(x, "tensor");
+        const autopar_tensor *t = cJSON_IsNumber(id) ? autopar_graph_tensor(g, id->valueint) : NULL;
+        if (!t) {
+            test_fail_at(__LINE__, "plan JSON: a transfer without a valid tensor id");
+            continue;
+        }
+        autopar_kind k = autopar_tensor_kind(t);
+        bool leaf = k == AUTOPAR_KIND_PARAM || k == AUTOPAR_KIND_OPT_STATE ||
+                    k == AUTOPAR_KIND_CONSTANT;
+        bytes += 4.0 * (double)autopar_tensor_numel(t) *
+                 (leaf ? 1 : autopar_plan_num_micro_batches(plan));
+    }
+    cJSON_Delete(root);
+    free(text);
+    return bytes;
+}
+
 /* Trains m for N_STEPS under a plan made with options opt on the "cpu" preset of one host with
  * g_size devices, and compares losses, parameters and optimizer states with the single-device
  * reference executor on rm (tolerances at the top of this file).
@@ -226,6 +257,16 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
                   ss.measured_peak_bytes <= 1.10 * ss.predicted_peak_bytes),
            "%s: measured peak %.0f bytes, predicted %.0f", what, ss.measured_peak_bytes,
            ss.predicted_peak_bytes);
+    /* cross-stage traffic: each receiving tile fetched once (replicas all-gather inside
+     * their mesh), so all ranks together send each transfer's tensor exactly once */
+    double sent[2] = {ss.cross_stage_bytes, ss.replica_gather_bytes}, total[2] = {0, 0};
+    MPI_Allreduce(sent, total, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    double want = plan ? transfer_bytes_once(plan) : 0;
+    EXPECT(!s || total[0] == want, "%s: the ranks send %.0f bytes per step to other stages, "
+           "the transfers' tensors once are %.0f", what, total[0], want);
+    if (test_rank == 0 && total[0] > 0)
+        printf("np %d %-36s cross-stage %.0f B/step (= the transfers once), all-gathers among "
+               "receiving replicas %.0f B/step\n", g_size, what, total[0], total[1]);
     if (test_rank == 0)
         printf("np %d %-36s stages %d: loss rel err <= %.1e, params+states max rel err %.1e "
                "('%s'; %lld of %lld parameter elements with tolerance > 10x); rank 0 peak %.0f B "
