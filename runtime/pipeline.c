@@ -708,7 +708,7 @@ ap_status ap_pipeline_step(ap_pipeline *pp, ap_spmd_feed_fn feed, void *ctx, dou
             st = ap_spmd_stage_backward(pp->spmd, in[i].micro_batch,
                                         (in[i].flags & AP_INST_FIRST_MB) != 0, st);
             break;
-        case AP_INST_APPLY: st = ap_spmd_stage_apply(pp->spmd, B, st); break;
+        case AP_INST_APPLY: st = ap_spmd_stage_apply(pp->spmd, B, st, pp->world); break;
         default: break;   /* FREE: the stash slot went back at its backward; GRAD_SYNC: */
                           /* the deferred sums run in APPLY */
         }

@@ -28,8 +28,10 @@ struct ap_spmd {
     ap_buffer           *const *pers;   /* per value: &pbuf[v] (the executor's view)          */
     ap_buffer            arena;
     int                  loss_val;
+    int                  apply_from;    /* first instruction of the apply phase               */
+    int                  n_in_place;    /* updates writing their leaf's buffer directly       */
     int                  n_commit;
-    int                 *commit;        /* pairs (update value, leaf value)                   */
+    int                 *commit;        /* pairs (update value, leaf value) copied at the end */
     int64_t              steps;
     size_t               cur_bytes, peak_bytes, persistent_bytes;
     double               plan_peak;
@@ -409,6 +411,60 @@ static ap_status check_args(const autopar_graph *g, const ap_shard_plan *plan,
     return AUTOPAR_OK;
 }
 
+static bool is_update_op(ap_op op) {
+    return op == AP_OP_SGD_UPDATE || op == AP_OP_MOMENTUM_UPDATE || op == AP_OP_ADAM_M ||
+           op == AP_OP_ADAM_V || op == AP_OP_ADAMW_UPDATE;
+}
+
+static bool reads_value(const sp_ins *in, int v) {
+    if (in->kind == SP_COLL) return in->send == v;
+    if (in->kind == SP_KERNEL)
+        for (int k = 0; k < in->call.n_src; k++)
+            if (in->src[k] == v) return true;
+    return false;
+}
+
+static bool writes_value(const sp_ins *in, int v) {
+    return in->kind == SP_COLL ? in->recv == v : in->out == v;
+}
+
+/* Makes update value src (transient) write its leaf's buffer dst directly, when that is safe:
+ * src is first written in the apply part (after the step's agreement, so that a failed step
+ * still changes nothing), has the leaf's size, and from that instruction on nothing reads or
+ * writes the leaf's old value, except the writing instruction itself when it is an elementwise
+ * optimizer kernel reading the leaf as its operand 0 (the kernels allow that aliasing). Every
+ * use of src then names dst. Returns whether it did. */
+static bool update_in_place(ap_spmd *s, int src, int dst) {
+    sp_prog *p = &s->prog;
+    if (src < 0 || dst < 0 || p->val[src].persistent || !p->val[dst].persistent ||
+        p->val[src].bytes != p->val[dst].bytes)
+        return false;
+    int w = -1;
+    for (int i = 0; i < p->n_ins && w < 0; i++)
+        if (writes_value(&p->ins[i], src)) w = i;
+    if (w < s->apply_from) return false;
+    for (int i = w; i < p->n_ins; i++) {
+        const sp_ins *in = &p->ins[i];
+        if (writes_value(in, dst)) return false;
+        if (!reads_value(in, dst)) continue;
+        bool elementwise_self = i == w && in->kind == SP_KERNEL && is_update_op(in->call.op) &&
+                                in->src[0] == dst && in->out == src;
+        for (int k = 1; elementwise_self && k < in->call.n_src; k++)
+            if (in->src[k] == dst) elementwise_self = false;
+        if (!elementwise_self) return false;
+    }
+    for (int i = w; i < p->n_ins; i++) {
+        sp_ins *in = &p->ins[i];
+        if (in->out == src) in->out = dst;
+        if (in->send == src) in->send = dst;
+        if (in->recv == src) in->recv = dst;
+        for (int k = 0; k < AP_MAX_SRC; k++)
+            if (in->src[k] == src) in->src[k] = dst;
+    }
+    p->val[src].to_end = false;
+    return true;
+}
+
 /* Persistent values for the leaves, the step program, the memory plan. */
 static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
     const autopar_graph *g = s->g;
@@ -444,13 +500,14 @@ static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
                             "computed by the stage", id);
         if (!s->prog.val[v].persistent) s->prog.val[v].to_end = true;
     }
-    if ((st = sp_plan_memory(&s->prog))) return st;
-    /* Updates replace their leaves at the end of a successful step. */
-    for (int id = 0; id < g->n_nodes; id++)
-        if (g->nodes[id]->assign_to >= 0 && s->role[id] == 1) s->n_commit++;
-    s->commit = malloc(2 * sizeof(int) * (size_t)(s->n_commit > 0 ? s->n_commit : 1));
+    s->apply_from = s->prog.n_ins;
+    for (int i = 0; i < s->prog.n_ins; i++)
+        if (g->nodes[s->prog.ins[i].node]->phase == AUTOPAR_PHASE_APPLY) {
+            s->apply_from = i;
+            break;
+        }
+    s->commit = malloc(2 * sizeof(int) * (size_t)(g->n_nodes > 0 ? g->n_nodes : 1));
     if (!s->commit) return ap_error(AUTOPAR_ERR_NOMEM, "spmd: out of memory");
-    int k = 0;
     for (int id = 0; id < g->n_nodes; id++) {
         const ap_node *n = g->nodes[id];
         if (n->assign_to < 0 || s->role[id] != 1) continue;
@@ -461,11 +518,17 @@ static ap_status lower(ap_spmd *s, const ap_shard_plan *plan) {
             return ap_error(AUTOPAR_ERR_GRAPH, "spmd: update '%s' replaces '%s', which is not a "
                             "parameter or optimizer state", n->name,
                             g->nodes[n->assign_to]->name);
-        s->commit[2 * k] = s->node_val[id];
-        s->commit[2 * k + 1] = s->node_val[n->assign_to];
-        k++;
+        int src = s->node_val[id], dst = s->node_val[n->assign_to];
+        if (update_in_place(s, src, dst)) {
+            s->node_val[id] = dst;
+            s->n_in_place++;
+        } else {   /* copied over the leaf at the end of a successful step */
+            s->commit[2 * s->n_commit] = src;
+            s->commit[2 * s->n_commit + 1] = dst;
+            s->n_commit++;
+        }
     }
-    return AUTOPAR_OK;
+    return sp_plan_memory(&s->prog);
 }
 
 static ap_status alloc_buffers(ap_spmd *s) {
@@ -711,11 +774,23 @@ static ap_status check_trainable(const ap_spmd *s, const char *fn) {
     return AUTOPAR_OK;
 }
 
+/* The apply part [apply_from, end) of the step program: after an agreement over `agree`, and
+ * not at all (on any rank) when any rank failed before, since updates write their leaves in
+ * place. */
+static ap_status run_apply(ap_spmd *s, int64_t step_no, ap_comm *agree, ap_status prior) {
+    if ((prior = ap_comm_all_ok(agree, prior))) return prior;
+    return run_range(s, &s->prog, &s->arena, s->pers, step_no, s->apply_from, s->prog.n_ins,
+                     NULL, AUTOPAR_OK);
+}
+
 ap_status ap_spmd_step(ap_spmd *s, double *loss) {
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_step: session is NULL");
     ap_status st = check_trainable(s, "ap_spmd_step");
+    if ((st = ap_comm_all_ok(s->world, st))) return st;
     double t_begin = sp_now();
-    if (!st) st = run_prog(s, &s->prog, &s->arena, s->pers, s->steps + 1);
+    int64_t step_no = s->steps + 1;
+    st = run_range(s, &s->prog, &s->arena, s->pers, step_no, 0, s->apply_from, NULL, AUTOPAR_OK);
+    st = run_apply(s, step_no, s->world, st);
     st = finish_step(s, st, loss);
     if (!st) {  /* step timers (spmd.h: ap_spmd_stats.step_seconds) */
         s->t_step += sp_now() - t_begin;
@@ -925,9 +1000,7 @@ ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_fn feed, void
     for (int i = 0; i < s->split && !st; i++)
         if (s->defer[i])
             st = run_range(s, &s->prog, &s->arena, s->pers, step_no, i, i + 1, NULL, AUTOPAR_OK);
-    if ((st = ap_comm_all_ok(s->world, st))) return st;
-    st = run_range(s, &s->prog, &s->arena, s->pers, step_no, s->split, s->prog.n_ins, NULL,
-                   AUTOPAR_OK);
+    st = run_apply(s, step_no, s->world, st);
     st = finish_step(s, st, loss);
     if (!st) {  /* step timers, as ap_spmd_step (feeding the micro-batches included) */
         s->t_step += sp_now() - t_begin;
@@ -1122,7 +1195,7 @@ ap_status ap_spmd_stage_backward(ap_spmd *s, int k, bool first, ap_status prior)
     return st;
 }
 
-ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior) {
+ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior, ap_comm *agree) {
     const char *fn = "ap_spmd_stage_apply";
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: session is NULL", fn);
     ap_status st = s->bwd < 0 ? ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: call "
@@ -1133,8 +1206,7 @@ ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior) {
     for (int i = 0; i < s->split; i++)   /* deferred gradient sums, once */
         if (s->defer[i])
             prior = run_range(s, &s->prog, &s->arena, s->pers, step_no, i, i + 1, NULL, prior);
-    return run_range(s, &s->prog, &s->arena, s->pers, step_no, s->split, s->prog.n_ins, NULL,
-                     prior);
+    return run_apply(s, step_no, agree, prior);
 }
 
 ap_status ap_spmd_stage_finish(ap_spmd *s, ap_status st, ap_comm *agree, double *loss) {
@@ -1358,6 +1430,8 @@ void ap_spmd_print(const ap_spmd *s, FILE *f) {
     fprintf(f, "  memory: predicted peak %zu bytes (persistent %zu + transient %zu), measured "
             "%zu (arena %zu), plan estimate %.0f\n", st.predicted_peak, st.persistent_bytes,
             st.transient_peak, st.measured_peak, st.arena_bytes, st.plan_peak);
+    fprintf(f, "  updates: %d in place, %d copied over their leaf at the step's end\n",
+            s->n_in_place, s->n_commit);
     fprintf(f, "  reshardings: %d along the plan's collectives, %d routed here; deviations from "
             "the plan: %d\n", st.n_route_plan, st.n_route_fresh, st.n_deviations);
     for (int i = 0; i < s->prog.n_note; i++) fprintf(f, "    %s\n", s->prog.note[i].text);

@@ -45,10 +45,12 @@
  *  also ones no plan would choose (pending sums on leaves, a split turned into a pending sum).
  *
  * Memory. The plan's peak (ap_spmd_stats.predicted_peak) is known when ap_spmd_new returns,
- * before any step. Update results (new parameters and optimizer states) stay in the arena until
- * the step has succeeded on every rank and are then copied over their leaves, so the step's end
- * holds a second copy of this rank's parameter and state shards (the sharding pass assumes
- * in-place updates and does not count it).
+ * before any step. Updates write their parameter's or state's buffer in place, as the sharding
+ * pass assumes (an update is first written in the apply part, which runs only after the ranks
+ * agreed that everything before it succeeded, and nothing reads the old value afterwards; the
+ * optimizer kernels allow their output to alias operand 0). An update the lowering cannot
+ * place so (none in the graphs seen so far) stays in the arena and is copied over its leaf at
+ * the end of a successful step.
  *
  * Parameters are initialised exactly as in a single-device run (ap_param_init_host): each rank
  * initialises only its tile, row by row. Optimizer states start at zero.
@@ -66,7 +68,10 @@
  * allocation failure) becomes the same status and message ("rank W: ...") on every rank, never a
  * hang. Inside a step a rank whose kernel failed skips its remaining kernels but still takes part
  * in every collective of the program, so that its peers finish; no parameter or state changes
- * when a step fails on any rank (updates are committed only after the agreement).
+ * when a step fails on any rank before the apply part: the ranks agree before it, and when any
+ * failed none runs it. A failure inside the apply part itself (a device fault in an optimizer
+ * kernel or its collectives) is reported the same way, but the parameters and states it was
+ * updating are then undefined.
  * Nothing exits or aborts; messages name the rank (through the agreement), the tensor and the op.
  * Not thread-safe.
  */
@@ -210,8 +215,8 @@ typedef ap_status (*ap_spmd_feed_fn)(void *ctx, int k);
  * accumulated into a persistent accumulator (micro-batch 0 copies, later ones add); then each
  * crossing value is set to its accumulator / n_micro and the "apply part" (the resharding of
  * gradients into the optimizer's layouts, hence the gradient synchronisation when the plan
- * leaves it to the optimizer's operands, and the updates) runs ONCE, followed by the commit as
- * in ap_spmd_step. Since every loss is a mean over its micro-batch, the result is the step on
+ * leaves it to the optimizer's operands, and the updates) runs ONCE, after an agreement, as in
+ * ap_spmd_step. Since every loss is a mean over its micro-batch, the result is the step on
  * the mean loss over the global batch (up to float summation order). *loss gets the mean of the
  * micro-batch losses. The accumulators (one aligned copy of every crossing value) are allocated
  * on first use and count in the measured peak, not in the predicted one.
@@ -238,9 +243,9 @@ AP_INTERNAL ap_status ap_spmd_step_accum(ap_spmd *s, int n_micro, ap_spmd_feed_f
  * peak counts the accumulators and `in_flight` slots.
  * Status convention: `prior` is this rank's status so far in the step; when it is a failure the
  * part skips its kernels and local copies but still runs its collectives (so the stage's other
- * ranks finish), and returns prior. The parts never agree; ap_spmd_stage_finish does, over the
- * communicator given (the pipeline's world), and commits the updates only when every rank
- * succeeded.
+ * ranks finish), and returns prior. The forward and backward parts never agree; the apply part
+ * agrees over the communicator given (the pipeline's world) before its updates, which run
+ * only when every rank succeeded, and ap_spmd_stage_finish agrees again at the end.
  */
 /* Prepares a step of n_micro micro-batches with at most in_flight forwards not yet followed by
  * their backward (1 <= in_flight <= n_micro). Local; the same result on every rank of the stage.
@@ -252,8 +257,11 @@ AP_INTERNAL ap_status ap_spmd_stage_forward(ap_spmd *s, int k, ap_status prior);
 /* Backward part of micro-batch k (its received gradients written before); `first`: the first
  * backward of the step (writes the accumulators). */
 AP_INTERNAL ap_status ap_spmd_stage_backward(ap_spmd *s, int k, bool first, ap_status prior);
-/* Apply part, once per step after every backward. */
-AP_INTERNAL ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior);
+/* Apply part, once per step after every backward: accumulators / B and the deferred gradient
+ * sums, then an agreement over `agree` (collective over it: every rank of the pipeline calls it
+ * after its last transfer), then the updates (skipped everywhere when any rank failed). */
+AP_INTERNAL ap_status ap_spmd_stage_apply(ap_spmd *s, int n_micro, ap_status prior,
+                                          ap_comm *agree);
 /* Ends the step: loss read, agreement over `agree` (collective over it), commit, step count.
  * *loss (may be NULL) gets the mean loss when the stage computes it, else 0. */
 AP_INTERNAL ap_status ap_spmd_stage_finish(ap_spmd *s, ap_status st, ap_comm *agree,
