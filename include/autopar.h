@@ -320,7 +320,8 @@ AUTOPAR_API autopar_status autopar_graph_to_json(const autopar_graph *g, char **
  * (AUTOPAR_ERR_PARSE) is rejected with a message naming the node. */
 AUTOPAR_API autopar_status autopar_graph_from_json(const char *json, autopar_graph **out);
 
-/* File forms of the two functions above (AUTOPAR_ERR_IO when the file cannot be used). */
+/* File forms of the two functions above (AUTOPAR_ERR_IO when the file cannot be used; load's
+ * parse errors start with "plan file '<path>'"). */
 AUTOPAR_API autopar_status autopar_graph_save(const autopar_graph *g, const char *path);
 AUTOPAR_API autopar_status autopar_graph_load(const char *path, autopar_graph **out);
 
@@ -584,13 +585,15 @@ AUTOPAR_API void autopar_plan_print(const autopar_plan *p, FILE *f);
 AUTOPAR_API autopar_status autopar_plan_to_json(const autopar_plan *p, char **out);
 
 /* Reads a plan written by autopar_plan_to_json. Errors: AUTOPAR_ERR_INVALID_ARG (NULL),
- * AUTOPAR_ERR_PARSE (malformed JSON, a missing or wrong field, a stage inconsistent with the
- * graph or cluster it carries; the message names the field), the errors of
+ * AUTOPAR_ERR_PARSE (malformed JSON: the message gives offset, line and column; a missing or
+ * wrong field, a stage inconsistent with the graph or cluster it carries: the message names
+ * the field), the errors of
  * autopar_graph_from_json and autopar_cluster_from_json for the embedded graph and cluster,
  * AUTOPAR_ERR_NOMEM. */
 AUTOPAR_API autopar_status autopar_plan_from_json(const char *json, autopar_plan **out);
 
-/* File forms of the two functions above (AUTOPAR_ERR_IO when the file cannot be used). */
+/* File forms of the two functions above (AUTOPAR_ERR_IO when the file cannot be used; load's
+ * parse errors start with "plan file '<path>'"). */
 AUTOPAR_API autopar_status autopar_plan_save(const autopar_plan *p, const char *path);
 AUTOPAR_API autopar_status autopar_plan_load(const char *path, autopar_plan **out);
 
@@ -729,9 +732,10 @@ AUTOPAR_API void autopar_finalize(void);
  * kind). seed: parameter initialisation seed: parameters start exactly as in
  * autopar_executor_new(graph, seed, ...), optimizer state at zero.
  * Output: *out (free with autopar_session_free); NULL on failure.
- * Errors (the same on every rank): AUTOPAR_ERR_INVALID_ARG (NULL plan or out, bad backend; the
- * world size differs from the plan's device count: the message gives both and the mpirun
- * command to use), AUTOPAR_ERR_UNSUPPORTED (a boundary tensor the pipeline schedule cannot
+ * Errors (the same on every rank): AUTOPAR_ERR_INVALID_ARG (NULL plan or out, bad backend, on
+ * any rank: a rank whose plan failed to load passes NULL and every rank gets the error naming
+ * it, nobody waits; the world size differs from the plan's device count: the message gives
+ * both and the mpirun command to use), AUTOPAR_ERR_UNSUPPORTED (a boundary tensor the pipeline schedule cannot
  * carry, see "Pipelines"; a backend not built, an op the backend lacks), AUTOPAR_ERR_MPI, AUTOPAR_ERR_BACKEND,
  * AUTOPAR_ERR_NOMEM, and the errors of the runtime's lowering (AUTOPAR_ERR_SHAPE for a
  * sharding that does not divide its tensor). */

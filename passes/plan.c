@@ -661,14 +661,16 @@ static ap_status read_stage(const cJSON *o, const char *raw, autopar_plan *p, in
     return st;
 }
 
-AUTOPAR_API autopar_status autopar_plan_from_json(const char *json, autopar_plan **out) {
-    if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_plan_from_json: out is NULL");
-    *out = NULL;
-    if (!json) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_plan_from_json: json is NULL");
-    cJSON *root = cJSON_Parse(json);
+#define AP_PATH_LABEL 512
+
+/* autopar_plan_from_json with `label` naming the source in parse errors. */
+static ap_status plan_from_text(const char *json, const char *label, autopar_plan **out) {
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
+    if (!root) return ap_json_parse_error(label, json, end ? end : cJSON_GetErrorPtr());
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        return ap_error(AUTOPAR_ERR_PARSE, "plan JSON: malformed JSON or not an object");
+        return ap_error(AUTOPAR_ERR_PARSE, "%s: not a JSON object", label);
     }
     autopar_plan *p = NULL;
     ap_status st = ap_plan_alloc(&p);
@@ -810,6 +812,13 @@ done:
     return AUTOPAR_OK;
 }
 
+AUTOPAR_API autopar_status autopar_plan_from_json(const char *json, autopar_plan **out) {
+    if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_plan_from_json: out is NULL");
+    *out = NULL;
+    if (!json) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_plan_from_json: json is NULL");
+    return plan_from_text(json, "plan JSON", out);
+}
+
 AUTOPAR_API autopar_status autopar_plan_save(const autopar_plan *p, const char *path) {
     if (!path) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_plan_save: path is NULL");
     char *text = NULL;
@@ -834,7 +843,14 @@ AUTOPAR_API autopar_status autopar_plan_load(const char *path, autopar_plan **ou
     char *text = NULL;
     ap_status st = ap_read_text_file("plan", path, (size_t)1 << 31, &text, NULL);
     if (st) return st;
-    st = autopar_plan_from_json(text, out);
+    char label[AP_PATH_LABEL];
+    snprintf(label, sizeof label, "plan file '%s'", path);
+    st = plan_from_text(text, label, out);
     free(text);
+    if (st == AUTOPAR_ERR_PARSE && strncmp(autopar_last_error(), label, strlen(label)) != 0) {
+        char msg[1024];   /* a field error ("plan JSON: ..."): say which file */
+        snprintf(msg, sizeof msg, "%s", autopar_last_error());
+        st = ap_error(st, "%s: %s", label, msg);
+    }
     return st;
 }

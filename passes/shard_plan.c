@@ -578,8 +578,9 @@ AP_INTERNAL ap_status ap_shard_plan_from_json(const char *json, const autopar_gr
     if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_shard_plan_from_json: out is NULL");
     *out = NULL;
     if (!json) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_shard_plan_from_json: json is NULL");
-    cJSON *root = cJSON_Parse(json);
-    if (!root) return ap_error(AUTOPAR_ERR_PARSE, "shard plan JSON: malformed JSON");
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
+    if (!root) return ap_json_parse_error("shard plan JSON", json, end ? end : cJSON_GetErrorPtr());
     ap_shard_plan *p = NULL;
     ap_status st = AUTOPAR_OK;
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(root, "format");

@@ -151,10 +151,6 @@ AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
                                                autopar_session **out) {
     const char *fn = "autopar_session_new";
     if (out) *out = NULL;
-    if (!plan || !out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: %s is NULL", fn,
-                                       !plan ? "plan" : "out");
-    if ((int)backend < 0 || backend >= AUTOPAR_BACKEND_KIND_COUNT)
-        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: bad backend kind %d", fn, (int)backend);
     autopar_session *s = calloc(1, sizeof *s);
     if (!s) return ap_error(AUTOPAR_ERR_NOMEM, "%s: out of memory", fn);
     ap_status st = world_acquire(&s->world);
@@ -162,20 +158,25 @@ AUTOPAR_API autopar_status autopar_session_new(const autopar_plan *plan,
         free(s);
         return st;
     }
-
-    /* The device count check is local but the same on every rank (same world size, plans for
-     * the same cluster), so a mismatch fails everywhere before any collective: no hang. */
-    const autopar_cluster *cl = plan->cluster;
-    int want = autopar_cluster_hosts(cl) * autopar_cluster_devices_per_host(cl);
-    int have = ap_comm_size(s->world);
-    if (want != have) {
-        st = ap_error(AUTOPAR_ERR_INVALID_ARG,
-                      "%s: the plan is for %d devices (%d hosts x %d) but the MPI world has %d "
-                      "rank%s; run it with mpirun -np %d (rank r runs device r)", fn, want,
-                      autopar_cluster_hosts(cl), autopar_cluster_devices_per_host(cl), have,
-                      have == 1 ? "" : "s", want);
-        goto fail;
+    /* Argument checks are local, but agreed before the first collective: a rank whose plan
+     * failed to load or to be made (NULL here) must not leave the others waiting for it. */
+    if (!plan || !out) {
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: %s is NULL%s", fn, !plan ? "plan" : "out",
+                      !plan ? " on this rank (did loading or planning fail here?)" : "");
+    } else if ((int)backend < 0 || backend >= AUTOPAR_BACKEND_KIND_COUNT) {
+        st = ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: bad backend kind %d", fn, (int)backend);
+    } else {
+        const autopar_cluster *cl = plan->cluster;
+        int want = autopar_cluster_hosts(cl) * autopar_cluster_devices_per_host(cl);
+        int have = ap_comm_size(s->world);
+        if (want != have)
+            st = ap_error(AUTOPAR_ERR_INVALID_ARG,
+                          "%s: the plan is for %d devices (%d hosts x %d) but the MPI world has "
+                          "%d rank%s; run it with mpirun -np %d (rank r runs device r)", fn, want,
+                          autopar_cluster_hosts(cl), autopar_cluster_devices_per_host(cl), have,
+                          have == 1 ? "" : "s", want);
     }
+    if ((st = ap_comm_all_ok(s->world, st))) goto fail;
     if ((st = plan_bcast(s->world, plan, &s->plan))) goto fail;
     const autopar_plan *p = s->plan;
     if (p->n_micro_batches > 1 || p->n_stages > 1) {

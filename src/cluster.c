@@ -295,21 +295,7 @@ static ap_status parse_cluster(const char *src, const char *json, autopar_cluste
                                             "memory_bandwidth"};
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
-    if (!root) {
-        /* Line and column make a hand-edited file easy to fix. */
-        size_t off = end && end >= json ? (size_t)(end - json) : 0;
-        int line = 1, col = 1;
-        for (size_t i = 0; i < off && json[i]; i++) {
-            if (json[i] == '\n') {
-                line++;
-                col = 1;
-            } else {
-                col++;
-            }
-        }
-        return ap_error(AUTOPAR_ERR_PARSE, "%s: malformed JSON at line %d, column %d", src, line,
-                        col);
-    }
+    if (!root) return ap_json_parse_error(src, json, end);   /* line and column: easy to fix */
 
     ap_status st = AUTOPAR_OK;
     const cJSON *dev, *item;

@@ -1,4 +1,5 @@
-/* Whole-file reading shared by the JSON loaders (graphs, clusters, plans). */
+/* Whole-file reading and JSON parse errors shared by the JSON loaders (graphs, clusters,
+ * plans). */
 #include "internal.h"
 
 #include <errno.h>
@@ -55,4 +56,34 @@ ap_status ap_read_text_file(const char *what, const char *path, size_t max_bytes
     *out = buf;
     if (out_len) *out_len = len;
     return AUTOPAR_OK;
+}
+
+ap_status ap_json_parse_error(const char *label, const char *text, const char *at) {
+    size_t text_len = text ? strlen(text) : 0;
+    size_t off = (at && text && at >= text && (size_t)(at - text) <= text_len)
+                     ? (size_t)(at - text) : text_len;
+    int line = 1, col = 1;
+    for (size_t i = 0; i < off; i++) {
+        if (text[i] == '\n') {
+            line++;
+            col = 1;
+        } else {
+            col++;
+        }
+    }
+    if (off >= text_len)
+        return ap_error(AUTOPAR_ERR_PARSE,
+                        "%s: malformed JSON: unexpected end of input at offset %zu (line %d, "
+                        "column %d)", label, off, line, col);
+    char ctx[48];
+    size_t k = 0;
+    for (size_t i = off; i < text_len && k + 1 < sizeof ctx && k < 32; i++) {
+        unsigned char ch = (unsigned char)text[i];
+        if (ch == '\n' || ch == '\r') break;
+        ctx[k++] = (ch < 0x20 || ch >= 0x7f) ? '?' : (char)ch;
+    }
+    ctx[k] = '\0';
+    return ap_error(AUTOPAR_ERR_PARSE,
+                    "%s: malformed JSON at offset %zu (line %d, column %d) near \"%s\"", label, off,
+                    line, col, ctx);
 }

@@ -735,38 +735,12 @@ static ap_status read_optimizer(rd_ctx *c, const cJSON *root, autopar_graph *g) 
     return AUTOPAR_OK;
 }
 
-/* Describes where cJSON stopped: offset, line, column and the text around it. */
-static ap_status parse_error(const char *label, const char *text, size_t text_len, const char *at) {
-    size_t off = (at && at >= text && (size_t)(at - text) <= text_len) ? (size_t)(at - text) : text_len;
-    int line = 1, col = 1;
-    for (size_t i = 0; i < off; i++) {
-        if (text[i] == '\n') { line++; col = 1; }
-        else col++;
-    }
-    if (off >= text_len)
-        return ap_error(AUTOPAR_ERR_PARSE,
-                        "%s: malformed JSON: unexpected end of input at offset %zu (line %d, "
-                        "column %d)", label, off, line, col);
-    char ctx[48];
-    size_t k = 0;
-    for (size_t i = off; i < text_len && k + 1 < sizeof ctx && k < 32; i++) {
-        unsigned char ch = (unsigned char)text[i];
-        if (ch == '\n' || ch == '\r') break;
-        ctx[k++] = (ch < 0x20 || ch >= 0x7f) ? '?' : (char)ch;
-    }
-    ctx[k] = '\0';
-    return ap_error(AUTOPAR_ERR_PARSE,
-                    "%s: malformed JSON at offset %zu (line %d, column %d) near \"%s\"", label, off,
-                    line, col, ctx);
-}
-
-/* The reader shared by from_json and load. `len` is strlen(json). */
-static ap_status graph_from_text(const char *json, size_t len, const char *label,
-                                 autopar_graph **out) {
+/* The reader shared by from_json and load; label names the source in messages. */
+static ap_status graph_from_text(const char *json, const char *label, autopar_graph **out) {
     *out = NULL;
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
-    if (!root) return parse_error(label, json, len, end ? end : cJSON_GetErrorPtr());
+    if (!root) return ap_json_parse_error(label, json, end ? end : cJSON_GetErrorPtr());
 
     rd_ctx c = {label, -1, NULL};
     autopar_graph *g = NULL;
@@ -860,7 +834,7 @@ autopar_status autopar_graph_from_json(const char *json, autopar_graph **out) {
     if (out) *out = NULL;
     if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_from_json: out is NULL");
     if (!json) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_from_json: json text is NULL");
-    return graph_from_text(json, strlen(json), "graph JSON", out);
+    return graph_from_text(json, "graph JSON", out);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -905,10 +879,9 @@ autopar_status autopar_graph_load(const char *path, autopar_graph **out) {
     if (!out) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_load: out is NULL");
     if (!path) return ap_error(AUTOPAR_ERR_INVALID_ARG, "autopar_graph_load: path is NULL");
     char *buf;
-    size_t len;
-    ap_status s = ap_read_text_file("autopar_graph_load", path, (size_t)1 << 31, &buf, &len);
+    ap_status s = ap_read_text_file("autopar_graph_load", path, (size_t)1 << 31, &buf, NULL);
     if (s) return s;
-    s = graph_from_text(buf, len, path, out);
+    s = graph_from_text(buf, path, out);
     free(buf);
     return s;
 }

@@ -18,7 +18,9 @@
  * under a DATA_PARALLEL plan: every parameter and state bit-identical; the next step's losses
  * agree within 1e-5.
  * Error cases: a plan for another device count (a clear error naming both counts on every
- * rank, no hang); a batch of the wrong size (AUTOPAR_ERR_SHAPE); an unknown input name
+ * rank, no hang); a plan file that does not parse on rank 0 (AUTOPAR_ERR_PARSE there, then
+ * autopar_session_new fails on every rank naming rank 0, no hang); a batch of the wrong size
+ * (AUTOPAR_ERR_SHAPE); an unknown input name
  * (AUTOPAR_ERR_NOT_FOUND). Pipelines (multi-stage plans): tests/mpi_test_pipeline.c.
  * Exit code non-zero on every rank when any check failed on that rank.
  */
@@ -72,9 +74,44 @@ static void error_cases(void) {
     autopar_cluster_free(cl);
     cl = NULL;
 
-    /* A batch of the wrong size; an unknown input; a good step afterwards. */
+    /* A plan file that does not parse, on rank 0 only (rank 0's plan is the one that runs;
+     * the others have a good one): the parse error on rank 0, then the same error from
+     * autopar_session_new on every rank, naming rank 0, instead of the others waiting. */
     EXPECT_OK(autopar_cluster_preset("cpu", 1, g_size, &cl));
     EXPECT_OK(autopar_parallelize(m.g, cl, &o, &plan));
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/autopar_bad_plan_%d.json", test_rank);
+    FILE *f = fopen(path, "w");
+    if (f) {
+        char *text = NULL;
+        EXPECT_OK(autopar_plan_to_json(plan, &text));
+        /* rank 0's file is cut in the middle */
+        if (text) fwrite(text, 1, test_rank == 0 ? strlen(text) / 2 : strlen(text), f);
+        free(text);
+        fclose(f);
+    }
+    autopar_plan *loaded = NULL;
+    st = autopar_plan_load(path, &loaded);
+    if (test_rank == 0) {
+        EXPECT(st == AUTOPAR_ERR_PARSE && !loaded, "truncated plan file: %s: %s",
+               autopar_status_str(st), autopar_last_error());
+        printf("np %d truncated plan file: %s\n", g_size, autopar_last_error());
+    } else {
+        EXPECT(st == AUTOPAR_OK, "good plan file: %s", autopar_last_error());
+    }
+    st = autopar_session_new(loaded, AUTOPAR_BACKEND_CPU, SEED, &s);
+    EXPECT(st == AUTOPAR_ERR_INVALID_ARG && !s && strstr(autopar_last_error(), "rank 0") &&
+               strstr(autopar_last_error(), "plan is NULL"),
+           "session on a plan rank 0 could not load: %s: %s", autopar_status_str(st),
+           autopar_last_error());
+    if (test_rank == 0) printf("np %d session without rank 0's plan: %s\n", g_size,
+                               autopar_last_error());
+    autopar_session_free(s);
+    s = NULL;
+    autopar_plan_free(loaded);
+    remove(path);
+
+    /* A batch of the wrong size; an unknown input; a good step afterwards. */
     EXPECT_OK(autopar_session_new(plan, AUTOPAR_BACKEND_CPU, SEED, &s));
     float *x = malloc((size_t)m.in_n[0] * 4), *y = malloc((size_t)m.in_n[1] * 4);
     if (s && x && y) {
