@@ -27,13 +27,18 @@
  *  - means and losses divide by LOCAL counts: MEAN, MSE_LOSS and CROSS_ENTROPY results are
  *    scaled by local/global count (a SCALE kernel after the op) before their pending sum is
  *    finished; MSE_LOSS_BACK and CROSS_ENTROPY_BACK get their scalar dL scaled the same way.
- *  - row-wise ops (layernorm and its backward ops, softmax, cross-entropy) need whole rows: a
+ *  - cross-entropy (and its backward) on logits whose last (vocabulary) dim is split runs
+ *    vocabulary-parallel: per-device row statistics (CE_PARTIAL), all-gathered over the
+ *    vocabulary axes and combined (CE_COMBINE), then the device's gradient columns
+ *    (CE_BACK_PARTIAL); see lower_ce_parallel in spmd_lower.c.
+ *  - the other row-wise ops (layernorm and its backward ops, softmax) need whole rows: a
  *    split of the last dim is moved onto a whole row dim (all-to-all there and back; every
  *    device then normalises its own rows), or gathered when no row dim can take it; their gain
  *    and bias are gathered. A causal softmax also needs its query dim whole (the kernel masks
  *    with the LOCAL row index and has no row-offset attribute).
- *  - embedding lookups need the whole vocabulary (ids must be in the local table range), so a
- *    vocabulary-split table is gathered; embedding gradients are computed for the whole
+ *  - a lookup in a vocabulary-split table is vocabulary-parallel: each device looks up the ids
+ *    of its rows (zeros for the others: the EMBEDDING kernel's ia[0], ia[1]) and the result is
+ *    a pending sum over the vocabulary axes; embedding gradients are computed for the whole
  *    vocabulary and then reduce-scattered / sliced into the plan's spec.
  *  - slice / concat / slice_back along a split axis, reshapes that would need an unexpressible
  *    split, and matmuls whose operand specs do not pair up, read their operands in the nearest

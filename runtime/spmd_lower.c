@@ -805,14 +805,14 @@ static bool op_rule_of(const sp_lower_ctx *c, const ap_node *v, op_rule *r) {
         rule_batch_matmul(c, v, r);
         return true;
     case AP_OP_EMBEDDING: {   /* table [V, C], ids S -> S + [C] */
-        if (E[0].dim[0] != AP_DIM_R) {
-            E[0].dim[0] = AP_DIM_R;   /* ids must be in the local table range */
-            r->why = "embedding lookups need the whole vocabulary";
-        }
+        /* A vocabulary-split table: each device looks up its rows (zeros for the others'
+         * ids, the kernel's ia[0] / ia[1] set in lower_node) and the result is a pending sum
+         * over the vocabulary axes (Megatron's parallel embedding). */
         int ni = E[1].ndim;
         r->C = ap_spec_replicated(v->shape.ndim);
         for (int d = 0; d < ni; d++) r->C.dim[d] = E[1].dim[d];
         r->C.dim[ni] = E[0].dim[1];
+        r->C.partial = (uint8_t)(dim_axes(E[0].dim[0]) & live);
         return true;
     }
     case AP_OP_EMBEDDING_BACK: {   /* dY [S.., C], ids S -> [V, C] */
@@ -879,6 +879,156 @@ static ap_status emit_scale(sp_lower_ctx *c, int src, const ap_shape *s, double 
     return AUTOPAR_OK;
 }
 
+/* One F32 kernel of the vocabulary-parallel cross-entropy on local shapes: a new value. */
+static ap_status emit_ce_kernel(sp_lower_ctx *c, ap_op op, int node, const ap_attrs *attrs,
+                                const ap_shape *out_shape, int n_src, const int *src,
+                                const ap_shape *src_shape, const ap_dtype *src_dtype, int *out) {
+    int v = sp_value_new(c->prog, numel_bytes(c, out_shape, AUTOPAR_F32), node, false);
+    if (v < 0) return AUTOPAR_ERR_NOMEM;
+    sp_ins *in = ins_new(c->prog, SP_KERNEL, node, -1);
+    if (!in) return AUTOPAR_ERR_NOMEM;
+    in->call.op = op;
+    in->call.attrs = *attrs;
+    in->call.precision = c->precision;
+    in->call.out_shape = *out_shape;
+    in->call.out_dtype = AUTOPAR_F32;
+    in->call.n_src = n_src;
+    for (int k = 0; k < n_src; k++) {
+        in->call.src_shape[k] = src_shape[k];
+        in->call.src_dtype[k] = src_dtype[k];
+        in->src[k] = src[k];
+    }
+    in->call.name = c->g->nodes[node]->name;
+    in->out = v;
+    *out = v;
+    return AUTOPAR_OK;
+}
+
+/* Cross-entropy (and its backward) on logits whose vocabulary (last) dim the plan splits over
+ * mesh axes A, as the sharding pass prices it (Megatron's vocabulary-parallel loss): each
+ * device computes the row statistics of its columns (CE_PARTIAL: max, sum of exponentials,
+ * the label's logit when it is local), they are all-gathered over A (3 numbers per row and
+ * device) and combined (CE_COMBINE) into the loss, or into the statistics from which
+ * CE_BACK_PARTIAL computes the device's columns of the gradient. Rows may also be split (over
+ * the other axes): means are then taken over local rows and scaled by local / global, as for
+ * the whole-row kernels. Sets *done = false (nothing emitted) when the plan's logits layout
+ * does not split the vocabulary. */
+static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
+    const autopar_graph *g = c->g;
+    const ap_mesh *m = c->mesh;
+    const ap_node *v = g->nodes[id];
+    const ap_shard_node *pn = &c->plan->node[id];
+    bool back = v->op == AP_OP_CROSS_ENTROPY_BACK;
+    int kl = back ? 1 : 0, kt = kl + 1;   /* logits and labels operands */
+    *done = false;
+    if (pn->n_src <= kt) return AUTOPAR_OK;
+    const ap_node *lg = ap_src(g, v, kl), *lb = ap_src(g, v, kt);
+    ap_spec P = pn->in[kl];
+    P.partial = 0;
+    int last = P.ndim - 1;
+    if (last < 0 || P.ndim != lg->shape.ndim || P.dim[last] == AP_DIM_R ||
+        dim_parts(m, P.dim[last]) <= 1 || !spec_ok(m, &P, &lg->shape))
+        return AUTOPAR_OK;
+    *done = true;
+    ap_spec T = spec_drop_dim(&P, last);
+    ap_mesh_axis axis = P.dim[last] == AP_DIM_S0 ? AP_AXIS_0
+                      : P.dim[last] == AP_DIM_S1 ? AP_AXIS_1 : AP_AXIS_FLAT;
+    int n = dim_parts(m, P.dim[last]);
+    double row_share = 1.0 / (double)spec_tiles(m, &T);   /* local rows / global rows */
+    ap_status st;
+
+    /* operands in the plan's layouts (its routes when they match) */
+    int sv[AP_MAX_SRC];
+    ap_spec want[3];
+    want[kl] = P;
+    want[kt] = T;
+    if (back) want[0] = ap_spec_replicated(0);
+    for (int k = 0; k < v->n_src; k++) {
+        const ap_node *u = ap_src(g, v, k);
+        ap_collective steps[AP_RESHARD_MAX_STEPS];
+        ap_spec pl = pn->in[k];
+        pl.partial = 0;
+        int ns = ap_spec_equal(&pl, &want[k]) ? plan_steps(c->plan, id, k, steps) : 0;
+        if ((st = sp_emit_reshard(c, c->node_val[u->id], false, &c->spec[u->id], &want[k],
+                                  &u->shape, u->dtype, ns ? steps : NULL, ns, id, k, &sv[k])))
+            return st;
+    }
+    ap_shape Ll, Tl;
+    if ((st = local_shape(c, &P, &lg->shape, lg->name, &Ll)) ||
+        (st = local_shape(c, &T, &lb->shape, lb->name, &Tl)))
+        return st;
+    int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
+    if ((st = ap_spec_tile(m, &P, &lg->shape, c->coord[0], c->coord[1], off, ext))) return st;
+
+    /* statistics of this device's columns, all-gathered over the vocabulary axes */
+    ap_attrs a;
+    memset(&a, 0, sizeof a);
+    a.i[0] = off[last];
+    a.i[1] = lg->shape.dim[last];
+    ap_shape parts_shape = Tl;
+    parts_shape.dim[parts_shape.ndim++] = 3;
+    int parts, srcs[4] = {sv[kl], sv[kt], -1, -1};
+    ap_shape sh[4] = {Ll, Tl};
+    ap_dtype dts[4] = {AUTOPAR_F32, AUTOPAR_I32, AUTOPAR_F32, AUTOPAR_F32};
+    if ((st = emit_ce_kernel(c, AP_OP_CE_PARTIAL, id, &a, &parts_shape, 2, srcs, sh, dts,
+                             &parts)))
+        return st;
+    ap_shape all_shape;
+    memset(&all_shape, 0, sizeof all_shape);
+    all_shape.ndim = parts_shape.ndim + 1;
+    all_shape.dim[0] = n;
+    for (int d = 0; d < parts_shape.ndim; d++) all_shape.dim[d + 1] = parts_shape.dim[d];
+    int all = sp_value_new(c->prog, numel_bytes(c, &all_shape, AUTOPAR_F32), id, false);
+    if (all < 0) return AUTOPAR_ERR_NOMEM;
+    sp_ins *in = ins_new(c->prog, SP_COLL, id, -1);
+    if (!in) return AUTOPAR_ERR_NOMEM;
+    in->coll = AP_COLL_ALL_GATHER;
+    in->axis = axis;
+    in->send = parts;
+    in->recv = all;
+    in->count = (size_t)ap_shape_numel(&parts_shape);
+    in->comm_dtype = sp_comm_dtype(AUTOPAR_F32, c->precision);
+
+    memset(&a, 0, sizeof a);
+    a.i[0] = back ? 1 : 0;
+    ap_shape comb_shape = Tl;
+    if (back) comb_shape.dim[comb_shape.ndim++] = 2;
+    else comb_shape.ndim = 0;
+    int comb;
+    if ((st = emit_ce_kernel(c, AP_OP_CE_COMBINE, id, &a, &comb_shape, 1, &all, &all_shape, dts,
+                             &comb)))
+        return st;
+
+    int res;
+    ap_spec C;
+    if (!back) {   /* the loss: a mean over this device's rows, summed over the row tiles */
+        if ((st = emit_scale(c, comb, &comb_shape, row_share, id, -1, &res))) return st;
+        C = ap_spec_replicated(0);
+        C.partial = (uint8_t)(spec_axes(&T) & live_axes(m));
+    } else {       /* the device's gradient columns; dL scaled as the kernel divides locally */
+        ap_shape scalar;
+        memset(&scalar, 0, sizeof scalar);
+        int dl;
+        if ((st = emit_scale(c, sv[0], &scalar, row_share, id, 0, &dl))) return st;
+        memset(&a, 0, sizeof a);
+        a.i[0] = off[last];
+        int bs[4] = {dl, sv[kl], sv[kt], comb};
+        ap_shape bsh[4] = {scalar, Ll, Tl, comb_shape};
+        ap_dtype bdt[4] = {AUTOPAR_F32, AUTOPAR_F32, AUTOPAR_I32, AUTOPAR_F32};
+        if ((st = emit_ce_kernel(c, AP_OP_CE_BACK_PARTIAL, id, &a, &Ll, 4, bs, bsh, bdt, &res)))
+            return st;
+        C = P;
+    }
+    ap_collective steps[AP_RESHARD_MAX_STEPS];
+    int ns = plan_steps(c->plan, id, -1, steps);
+    int fin;
+    if ((st = sp_emit_reshard(c, res, true, &C, &c->spec[id], &v->shape, v->dtype,
+                              ns ? steps : NULL, ns, id, -1, &fin)))
+        return st;
+    c->node_val[id] = fin;
+    return AUTOPAR_OK;
+}
+
 static ap_status lower_node(sp_lower_ctx *c, int id) {
     const autopar_graph *g = c->g;
     const ap_mesh *m = c->mesh;
@@ -886,6 +1036,10 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     const ap_shard_node *pn = &c->plan->node[id];
     char b1[AP_SPEC_STR_MAX], b2[AP_SPEC_STR_MAX];
     ap_status st;
+    if (c->plan && (v->op == AP_OP_CROSS_ENTROPY || v->op == AP_OP_CROSS_ENTROPY_BACK)) {
+        bool done = false;
+        if ((st = lower_ce_parallel(c, id, &done)) || done) return st;
+    }
 
     op_rule r;
     memset(&r, 0, sizeof r);
@@ -955,6 +1109,14 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     }
     if (v->op == AP_OP_RESHAPE)   /* kernels size from shapes; keep the attrs consistent */
         for (int d = 0; d < out_local.ndim; d++) in->call.attrs.i[1 + d] = out_local.dim[d];
+    if (v->op == AP_OP_EMBEDDING && r.E[0].dim[0] != AP_DIM_R) {   /* this device's rows */
+        int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
+        const ap_node *table = ap_src(g, v, 0);
+        if ((st = ap_spec_tile(m, &r.E[0], &table->shape, c->coord[0], c->coord[1], off, ext)))
+            return st;
+        in->call.attrs.i[0] = off[0];
+        in->call.attrs.i[1] = table->shape.dim[0];
+    }
     in->out = res;
     in->uses_step = v->op == AP_OP_ADAMW_UPDATE;
     if (r.post != 1.0 && (st = emit_scale(c, res, &out_local, r.post, id, -1, &res))) return st;

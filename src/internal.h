@@ -63,7 +63,10 @@ typedef enum ap_op {
     AP_OP_PERMUTE,        /* out dim i = A dim ia[i]                                           */
     AP_OP_SLICE,          /* ia[0] = axis, ia[1] = start, ia[2] = len                          */
     AP_OP_CONCAT,         /* n operands along ia[0] = axis                                     */
-    AP_OP_EMBEDDING,      /* table A[V, C] (F32), ids B (I32, shape S) -> S + [C]              */
+    AP_OP_EMBEDDING,      /* table A[V, C] (F32), ids B (I32, shape S) -> S + [C]. Kernel calls*/
+                          /* of the SPMD lowering only (graphs have 0): ia[1] > 0, the table is */
+                          /* rows [ia[0], ia[0] + V) of a vocabulary of ia[1]: ids are checked  */
+                          /* against ia[1], ids outside the table's rows give zeros            */
     AP_OP_SUM,            /* ia[0] = axis removed, or -1 for all (rank-0 result)               */
     AP_OP_MEAN,           /* as SUM, divided by the number of summed elements                  */
     AP_OP_MSE_LOSS,       /* mean((A - B)^2), rank 0                                           */
@@ -95,6 +98,19 @@ typedef enum ap_op {
     AP_OP_ADAMW_UPDATE,   /* (P, M', V') -> P - lr·(mhat / (sqrt(vhat) + eps) + wd·P) with    */
                           /* mhat = M'/(1-b1^t), vhat = V'/(1-b2^t), t = the step (1-based);   */
                           /* fa[0] = lr, fa[1] = b1, fa[2] = b2, fa[3] = eps, fa[4] = wd       */
+
+    /* Kernel-only ops (graphs reject them): the pieces of the vocabulary-parallel
+     * cross-entropy that the SPMD lowering emits when the logits' last dim is split. A device
+     * holds logits columns [ia[0], ia[0] + Vl) of a vocabulary of ia[1]; its row statistics
+     * are all-gathered over the devices holding the other columns, then combined. */
+    AP_OP_CE_PARTIAL,     /* (logits A[..., Vl], labels B) -> [..., 3]: per row the max m, the */
+                          /* sum of exp(A - m), and A at the label when the label is in the    */
+                          /* local columns (else 0); ia[0] = first column, ia[1] = vocabulary */
+    AP_OP_CE_COMBINE,     /* (parts A[P, ..., 3]) -> per row m = max m_p, s = sum s_p e^(m_p-m),*/
+                          /* xt = sum xt_p; ia[0] = 0: mean over rows of log s + m - xt (rank */
+                          /* 0); ia[0] = 1: [..., 2] = (m, s)                                  */
+    AP_OP_CE_BACK_PARTIAL,/* (dL scalar, logits [..., Vl], labels, stats [..., 2]) ->          */
+                          /* dL * (exp(A - m) / s - onehot(label - ia[0])) / rows              */
     AP_OP_COUNT
 } ap_op;
 
@@ -150,6 +166,8 @@ typedef struct ap_op_info {
     /* Appends the gradient contributions of node n given its output gradient dy (an id) by
      * calling ap_grad_accumulate for each differentiable operand. NULL = not differentiable. */
     ap_status (*backward)(autopar_graph *g, const ap_node *n, int dy);
+    /* Emitted by the runtime's lowering only: graphs reject it (its infer fails). */
+    bool        kernel_only;
 } ap_op_info;
 
 AP_INTERNAL const ap_op_info *ap_op_info_get(ap_op op);

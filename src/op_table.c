@@ -384,6 +384,9 @@ static ap_status infer_embedding(const autopar_graph *g, ap_node *n, char *msg, 
     if (ids->shape.ndim >= AP_MAX_DIMS)
         FAIL(AUTOPAR_ERR_SHAPE, "ids '%s' has rank %d; at most %d", ids->name, ids->shape.ndim,
              AP_MAX_DIMS - 1);
+    if (n->attrs.i[0] != 0 || n->attrs.i[1] != 0)
+        FAIL(AUTOPAR_ERR_INVALID_ARG, "attributes ia[0], ia[1] (a partial table's rows) are set "
+             "by the runtime's lowering; graphs leave them 0");
     n->dtype = AUTOPAR_F32;
     n->shape = ids->shape;
     n->shape.dim[n->shape.ndim++] = table->shape.dim[1];
@@ -533,6 +536,13 @@ static ap_status infer_cross_entropy_back(const autopar_graph *g, ap_node *n, ch
     return AUTOPAR_OK;
 }
 
+/* Ops only the runtime's lowering emits (internal.h): not accepted in graphs. */
+static ap_status infer_kernel_only(const autopar_graph *g, ap_node *n, char *msg, size_t msg_len) {
+    (void)g;
+    (void)n;
+    FAIL(AUTOPAR_ERR_UNSUPPORTED, "a kernel of the runtime's lowering, not an op of graphs");
+}
+
 /* ---- the table ----------------------------------------------------------------------------- */
 
 static const ap_op_info op_table[AP_OP_COUNT] = {
@@ -575,8 +585,11 @@ static const ap_op_info op_table[AP_OP_COUNT] = {
     [AP_OP_ADAM_M]             = {"adam_m", 2, infer_same_shape, NULL},
     [AP_OP_ADAM_V]             = {"adam_v", 2, infer_same_shape, NULL},
     [AP_OP_ADAMW_UPDATE]       = {"adamw_update", 3, infer_same_shape, NULL},
+    [AP_OP_CE_PARTIAL]         = {"ce_partial", 2, infer_kernel_only, NULL, true},
+    [AP_OP_CE_COMBINE]         = {"ce_combine", 1, infer_kernel_only, NULL, true},
+    [AP_OP_CE_BACK_PARTIAL]    = {"ce_back_partial", 4, infer_kernel_only, NULL, true},
 };
-_Static_assert(AP_OP_COUNT == 39, "a new op needs a row in op_table (and kernels, and a test)");
+_Static_assert(AP_OP_COUNT == 42, "a new op needs a row in op_table (and kernels, and a test)");
 
 const ap_op_info *ap_op_info_get(ap_op op) {
     if ((int)op < 0 || op >= AP_OP_COUNT) return NULL;

@@ -382,6 +382,37 @@ static void cross_entropy_cases(ap_cuda_ctx *ctx, const char *label, ap_shape lo
     finish(ctx, 1e-7, 1e-4);
 }
 
+/* Vocabulary-parallel cross-entropy pieces: a device holding columns [v0, v0 + Vl) of V. */
+static void ce_parallel_cases(ap_cuda_ctx *ctx, int rows, int Vl, int v0, int V, int P) {
+    char l[80];
+    snprintf(l, sizeof l, "ce_partial [%d,%d] cols %d.. of %d", rows, Vl, v0, V);
+    begin(AP_OP_CE_PARTIAL, l, shp(2, rows, 3));
+    src_f32(shp(2, rows, Vl), -4, 4);
+    src_i32(shp(1, rows), v0 > 10 ? v0 - 10 : 0, v0 + Vl + 10 < V ? v0 + Vl + 10 : V);
+    T.attrs.i[0] = v0;
+    T.attrs.i[1] = V;
+    finish(ctx, 1e-5, RED_RTOL);
+
+    for (int mode = 0; mode < 2; mode++) {
+        snprintf(l, sizeof l, "ce_combine %s P %d rows %d", mode ? "stats" : "loss", P, rows);
+        begin(AP_OP_CE_COMBINE, l, mode ? shp(2, rows, 2) : shp(0));
+        float *parts = src_f32(shp(3, P, rows, 3), -4, 4);
+        for (int i = 0; i < P * rows; i++) parts[3 * i + 1] = 1.0f + fabsf(parts[3 * i + 1]) * 50;
+        T.attrs.i[0] = mode;
+        finish(ctx, 1e-5, RED_RTOL);
+    }
+
+    snprintf(l, sizeof l, "ce_back_partial [%d,%d] cols %d..", rows, Vl, v0);
+    begin(AP_OP_CE_BACK_PARTIAL, l, shp(2, rows, Vl));
+    src_f32(shp(0), 0.5f, 1.5f);
+    src_f32(shp(2, rows, Vl), -4, 4);
+    src_i32(shp(1, rows), v0 > 10 ? v0 - 10 : 0, v0 + Vl + 10 < V ? v0 + Vl + 10 : V);
+    float *st = src_f32(shp(2, rows, 2), 3, 4);   /* m near the max, s >= Vl / e^8 */
+    for (int r = 0; r < rows; r++) st[2 * r + 1] = (float)Vl * (1.0f + st[2 * r + 1]);
+    T.attrs.i[0] = v0;
+    finish(ctx, 1e-7, 1e-4);
+}
+
 /* An out-of-range id / label: the kernel runs, ap_cuda_synchronize reports INVALID_ARG naming
  * the tensor, and the flag is cleared afterwards. */
 static void bad_index_case(ap_cuda_ctx *ctx, ap_op op) {
@@ -551,6 +582,12 @@ static void run_all(ap_cuda_ctx *ctx) {
     src_f32(shp(2, 50, 24), -1, 1);
     src_i32(shp(2, 3, 7), 0, 50);
     finish(ctx, 0, 0);
+    begin(AP_OP_EMBEDDING, "embedding rows [50,100) of 120", shp(3, 3, 7, 24));
+    src_f32(shp(2, 50, 24), -1, 1);
+    src_i32(shp(2, 3, 7), 30, 120);
+    T.attrs.i[0] = 50;
+    T.attrs.i[1] = 120;
+    finish(ctx, 0, 0);
     embedding_back_case(ctx, "embedding_back V=10", shp(2, 3, 7), 10, 24);
     embedding_back_case(ctx, "embedding_back V=50", shp(2, 5, 33), 50, 16);
     embedding_back_case(ctx, "embedding_back 4096 ids V=100", shp(2, 8, 512), 100, 64);
@@ -597,6 +634,8 @@ static void run_all(ap_cuda_ctx *ctx) {
     /* CROSS_ENTROPY / CROSS_ENTROPY_BACK */
     cross_entropy_cases(ctx, "[3,5,37]", shp(3, 3, 5, 37));
     cross_entropy_cases(ctx, "[6,9000]", shp(2, 6, 9000));
+    ce_parallel_cases(ctx, 5, 37, 20, 77, 2);
+    ce_parallel_cases(ctx, 6, 4500, 4500, 9000, 4);
 
     /* Optimizer updates */
     begin(AP_OP_SGD_UPDATE, "sgd_update", shp(1, 1001));

@@ -486,6 +486,9 @@ static void test_errors(void) {
     /* node-level */
     expect_mutation("unknown op \"matmulx\"", mj, h, "op", cJSON_CreateString("matmulx"),
                     AUTOPAR_ERR_UNKNOWN_OP, "matmulx", hname);
+    expect_mutation("kernel-only op \"ce_partial\"", mj, h, "op",
+                    cJSON_CreateString("ce_partial"), AUTOPAR_ERR_UNSUPPORTED,
+                    "runtime's lowering", hname);
     expect_mutation("op is a number", mj, h, "op", cJSON_CreateNumber(4), AUTOPAR_ERR_PARSE,
                     "\"op\"", hname);
     {

@@ -487,10 +487,14 @@ static void ref_concat(const tcase *t, double *const *in, double *out) {
     }
 }
 
+/* With attrs.i[1] > 0 the table is rows [attrs.i[0], + rows) of the vocabulary. */
 static void ref_embedding(const tcase *t, double *const *in, double *out) {
     int64_t C = t->call.src_shape[0].dim[1], n = numel(&t->call.src_shape[1]);
-    for (int64_t p = 0; p < n; p++)
-        for (int64_t j = 0; j < C; j++) out[p * C + j] = in[0][t->ids[1][p] * C + j];
+    int64_t rows = t->call.src_shape[0].dim[0], v0 = t->call.attrs.i[1] > 0 ? t->call.attrs.i[0] : 0;
+    for (int64_t p = 0; p < n; p++) {
+        int64_t r = t->ids[1][p] - v0;
+        for (int64_t j = 0; j < C; j++) out[p * C + j] = r >= 0 && r < rows ? in[0][r * C + j] : 0;
+    }
 }
 
 static void ref_embedding_back(const tcase *t, double *const *in, double *out) {
@@ -588,6 +592,51 @@ static void ref_ce_back(const tcase *t, double *const *in, double *out) {
                              (exp(in[1][r * V + j]) / z - (j == t->ids[2][r] ? 1.0 : 0.0)) /
                              (double)rows;
     }
+}
+
+/* Vocabulary-parallel pieces: columns [v0, v0 + Vl) of a vocabulary attrs.i[1]. */
+static void ref_ce_partial(const tcase *t, double *const *in, double *out) {
+    const ap_shape *s = &t->call.src_shape[0];
+    int64_t Vl = s->dim[s->ndim - 1], rows = numel(s) / Vl, v0 = t->call.attrs.i[0];
+    for (int64_t r = 0; r < rows; r++) {
+        double m = -INFINITY, z = 0;
+        for (int64_t j = 0; j < Vl; j++) m = fmax(m, in[0][r * Vl + j]);
+        for (int64_t j = 0; j < Vl; j++) z += exp(in[0][r * Vl + j] - m);
+        int64_t c = t->ids[1][r] - v0;
+        out[3 * r] = m;
+        out[3 * r + 1] = z;
+        out[3 * r + 2] = c >= 0 && c < Vl ? in[0][r * Vl + c] : 0.0;
+    }
+}
+
+static void ref_ce_combine(const tcase *t, double *const *in, double *out) {
+    const ap_shape *s = &t->call.src_shape[0];
+    int64_t P = s->dim[0], rows = numel(s) / (3 * P);
+    double tot = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        double m = -INFINITY, z = 0, xt = 0;
+        for (int64_t p = 0; p < P; p++) m = fmax(m, in[0][(p * rows + r) * 3]);
+        for (int64_t p = 0; p < P; p++) {
+            z += in[0][(p * rows + r) * 3 + 1] * exp(in[0][(p * rows + r) * 3] - m);
+            xt += in[0][(p * rows + r) * 3 + 2];
+        }
+        if (t->call.attrs.i[0] == 1) {
+            out[2 * r] = m;
+            out[2 * r + 1] = z;
+        }
+        tot += log(z) + m - xt;
+    }
+    if (t->call.attrs.i[0] == 0) out[0] = tot / (double)rows;
+}
+
+static void ref_ce_back_partial(const tcase *t, double *const *in, double *out) {
+    const ap_shape *s = &t->call.src_shape[1];
+    int64_t Vl = s->dim[s->ndim - 1], rows = numel(s) / Vl, v0 = t->call.attrs.i[0];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < Vl; j++)
+            out[r * Vl + j] = in[0][0] *
+                              (exp(in[1][r * Vl + j] - in[3][2 * r]) / in[3][2 * r + 1] -
+                               (j + v0 == t->ids[2][r] ? 1.0 : 0.0)) / (double)rows;
 }
 
 /* ---- test groups ------------------------------------------------------------------------------ */
@@ -962,6 +1011,61 @@ static void test_embedding(void) {
     (void)tv;
     tc_free(&b);
     tc_free(&t);
+
+    /* rows [3, 6) of a vocabulary of 7 (vocabulary-parallel lookup): other ids give zeros, and
+     * the lookups of the blocks [0, 3), [3, 6), [6, 7) sum to the whole table's */
+    tcase p;
+    tc_init(&p, AP_OP_EMBEDDING, "rows [3,6) of 7, ids [3,4]", out);
+    p.call.attrs.i[0] = 3;
+    p.call.attrs.i[1] = 7;
+    tc_src(&p, SH(3, 5), -1, 1);
+    int32_t *pv = tc_ids(&p, ids, 7);
+    pv[0] = 2;
+    pv[1] = 3;
+    pv[2] = 5;
+    pv[3] = 6;
+    check(&p, ref_embedding, false);
+    tc_free(&p);
+    {
+        const int64_t cut[4] = {0, 3, 6, 7};
+        double whole[60], sum[60] = {0};
+        int32_t idv[12];
+        for (int i = 0; i < 12; i++) idv[i] = (int32_t)(rng_next() % 7);
+        float tab[35];
+        for (int i = 0; i < 35; i++) tab[i] = (float)urand(-1, 1);
+        bool ran = true;
+        for (int b2 = 0; b2 < 3 && ran; b2++) {
+            float f[35], o[60];
+            int64_t nr = cut[b2 + 1] - cut[b2];
+            for (int64_t i = 0; i < nr * 5; i++) f[i] = tab[cut[b2] * 5 + i];
+            ap_kernel_call k;
+            memset(&k, 0, sizeof k);
+            k.op = AP_OP_EMBEDDING;
+            k.precision = AUTOPAR_PRECISION_F32;
+            k.name = "emb_block";
+            k.out_shape = out;
+            k.out_dtype = AUTOPAR_F32;
+            k.n_src = 2;
+            k.src_shape[0] = SH(nr, 5);
+            k.src_dtype[0] = AUTOPAR_F32;
+            k.src_shape[1] = ids;
+            k.src_dtype[1] = AUTOPAR_I32;
+            k.src[0] = f;
+            k.src[1] = idv;
+            k.out = o;
+            k.attrs.i[0] = cut[b2];
+            k.attrs.i[1] = 7;
+            ran = ap_cpu_run(&k) == AUTOPAR_OK;
+            for (int i = 0; ran && i < 60; i++) sum[i] += o[i];
+        }
+        for (int p2 = 0; p2 < 12; p2++)
+            for (int j = 0; j < 5; j++) whole[p2 * 5 + j] = (double)tab[idv[p2] * 5 + j];
+        double err = 0;
+        for (int i = 0; i < 60; i++) err = fmax(err, fabs(sum[i] - whole[i]));
+        char d[96];
+        snprintf(d, sizeof d, "max err %.3g", err);
+        report(ran && err == 0, AP_OP_EMBEDDING, "3 row blocks sum to the whole lookup", d);
+    }
 }
 
 static void test_reductions(void) {
@@ -1095,6 +1199,98 @@ static void test_losses(void) {
         tc_free(&b);
         tc_free(&t);
     }
+}
+
+/* The vocabulary-parallel pieces against their naive references, then composed over column
+ * blocks [0, 20) and [20, 37) of logits [4, 37] (F64 kernels): the combined loss, statistics
+ * and gradient blocks against the whole-vocabulary references (ref_ce, ref_ce_back). */
+static void test_ce_parallel(void) {
+    const int64_t R = 4, V = 37, cut[3] = {0, 20, 37};
+    double *x = malloc(sizeof(double) * (size_t)(R * V));
+    int32_t lab[4] = {0, 36, 19, 20};
+    for (int64_t i = 0; i < R * V; i++) x[i] = urand(-4, 4);
+    double parts[2 * 4 * 3], dx[4 * 37], stats[4 * 2], loss = 0;
+    bool ran = true;
+    for (int b = 0; b < 2; b++) {
+        int64_t Vl = cut[b + 1] - cut[b];
+        tcase t;
+        tc_init(&t, AP_OP_CE_PARTIAL, b ? "columns [20,37) of 37" : "columns [0,20) of 37",
+                SH(4, 3));
+        t.call.attrs.i[0] = cut[b];
+        t.call.attrs.i[1] = V;
+        double *xb = tc_src(&t, SH(4, Vl), 0, 0);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < Vl; j++) xb[r * Vl + j] = x[r * V + cut[b] + j];
+        tc_alias_ids(&t, SH(4), lab);
+        double *got = check(&t, ref_ce_partial, true);
+        if (got) memcpy(parts + b * R * 3, got, sizeof(double) * (size_t)(R * 3));
+        else ran = false;
+        free(got);
+        tc_free(&t);
+    }
+    for (int mode = 0; mode < 2 && ran; mode++) {
+        tcase t;
+        tc_init(&t, AP_OP_CE_COMBINE, mode ? "statistics of 2 blocks" : "loss of 2 blocks",
+                mode ? SH(4, 2) : SCALAR);
+        t.call.attrs.i[0] = mode;
+        tc_alias(&t, SH(2, 4, 3), parts);
+        double *got = check(&t, ref_ce_combine, true);
+        if (got && mode) memcpy(stats, got, sizeof stats);
+        if (got && !mode) loss = got[0];
+        if (!got) ran = false;
+        free(got);
+    }
+    /* the whole-vocabulary loss */
+    tcase w;
+    tc_init(&w, AP_OP_CROSS_ENTROPY, "", SCALAR);
+    tc_alias(&w, SH(4, 37), x);
+    tc_alias_ids(&w, SH(4), lab);
+    double want = 0;
+    double *win[AP_MAX_SRC] = {x};
+    ref_ce(&w, win, &want);
+    char d[160];
+    snprintf(d, sizeof d, "combined %.15g, whole %.15g", loss, want);
+    report(ran && fabs(loss - want) <= 1e-12 * fabs(want), AP_OP_CE_COMBINE,
+           "2 blocks == whole-vocabulary loss", d);
+    /* gradient blocks */
+    double dl = 1.3;
+    for (int b = 0; b < 2 && ran; b++) {
+        int64_t Vl = cut[b + 1] - cut[b];
+        tcase t;
+        tc_init(&t, AP_OP_CE_BACK_PARTIAL, b ? "columns [20,37) of 37" : "columns [0,20) of 37",
+                SH(4, Vl));
+        t.call.attrs.i[0] = cut[b];
+        double *dls = tc_src(&t, SCALAR, dl, dl);
+        double *xb = tc_src(&t, SH(4, Vl), 0, 0);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < Vl; j++) xb[r * Vl + j] = x[r * V + cut[b] + j];
+        tc_alias_ids(&t, SH(4), lab);
+        tc_alias(&t, SH(4, 2), stats);
+        double *got = check(&t, ref_ce_back_partial, true);
+        for (int64_t r = 0; got && r < R; r++)
+            for (int64_t j = 0; j < Vl; j++) dx[r * V + cut[b] + j] = got[r * Vl + j];
+        if (!got) ran = false;
+        free(got);
+        (void)dls;
+        tc_free(&t);
+    }
+    tcase wb;
+    tc_init(&wb, AP_OP_CROSS_ENTROPY_BACK, "", SH(4, 37));
+    double *dlw = tc_src(&wb, SCALAR, dl, dl);
+    tc_alias(&wb, SH(4, 37), x);
+    tc_alias_ids(&wb, SH(4), lab);
+    double wantg[4 * 37], err = 0, gmax = 0;
+    double *bin[AP_MAX_SRC] = {dlw, x};
+    ref_ce_back(&wb, bin, wantg);
+    for (int64_t i = 0; i < R * V; i++) {
+        err = fmax(err, fabs(dx[i] - wantg[i]));
+        gmax = fmax(gmax, fabs(wantg[i]));
+    }
+    snprintf(d, sizeof d, "max abs err %.3g (max |g| %.3g)", err, gmax);
+    report(ran && err <= 1e-12 * gmax, AP_OP_CE_BACK_PARTIAL,
+           "2 blocks == whole-vocabulary gradient", d);
+    tc_free(&wb);
+    free(x);
 }
 
 /* ---- error cases ------------------------------------------------------------------------------ */
@@ -1261,6 +1457,7 @@ int main(void) {
     test_embedding();
     test_reductions();
     test_losses();
+    test_ce_parallel();
     test_errors();
     for (int op = 0; op < AP_OP_COUNT; op++)
         if (!g_covered[op]) {

@@ -99,7 +99,7 @@ static int expected_n_src(ap_op op) {
     case AP_OP_FILL: return 0;
     case AP_OP_SCALE: case AP_OP_RELU: case AP_OP_GELU: case AP_OP_SOFTMAX: case AP_OP_RESHAPE:
     case AP_OP_PERMUTE: case AP_OP_SLICE: case AP_OP_SUM: case AP_OP_MEAN: case AP_OP_SLICE_BACK:
-    case AP_OP_SUM_TO: case AP_OP_EXPAND:
+    case AP_OP_SUM_TO: case AP_OP_EXPAND: case AP_OP_CE_COMBINE:
         return 1;
     case AP_OP_CONCAT: return -1;
     case AP_OP_LAYERNORM: case AP_OP_LAYERNORM_BACK: case AP_OP_MSE_LOSS_BACK:
@@ -109,8 +109,9 @@ static int expected_n_src(ap_op op) {
     case AP_OP_EMBEDDING: case AP_OP_MSE_LOSS: case AP_OP_CROSS_ENTROPY: case AP_OP_RELU_BACK:
     case AP_OP_GELU_BACK: case AP_OP_LAYERNORM_BACK_GAIN: case AP_OP_SOFTMAX_BACK:
     case AP_OP_EMBEDDING_BACK: case AP_OP_SGD_UPDATE: case AP_OP_MOMENTUM_UPDATE:
-    case AP_OP_ADAM_M: case AP_OP_ADAM_V:
+    case AP_OP_ADAM_M: case AP_OP_ADAM_V: case AP_OP_CE_PARTIAL:
         return 2;
+    case AP_OP_CE_BACK_PARTIAL: return 4;
     case AP_OP_COUNT: break;
     }
     return -2;
@@ -124,9 +125,10 @@ static bool is_movement(ap_op op) {
 
 /* Whether operand k of op is an I32 tensor (ids / labels). */
 static bool src_is_i32(ap_op op, int k) {
-    return ((op == AP_OP_EMBEDDING || op == AP_OP_EMBEDDING_BACK || op == AP_OP_CROSS_ENTROPY) &&
+    return ((op == AP_OP_EMBEDDING || op == AP_OP_EMBEDDING_BACK || op == AP_OP_CROSS_ENTROPY ||
+             op == AP_OP_CE_PARTIAL) &&
             k == 1) ||
-           (op == AP_OP_CROSS_ENTROPY_BACK && k == 2);
+           ((op == AP_OP_CROSS_ENTROPY_BACK || op == AP_OP_CE_BACK_PARTIAL) && k == 2);
 }
 
 static ap_status check_shape(const ap_kernel_call *c, const ap_shape *s, const char *what, int k) {

@@ -461,9 +461,10 @@ static int expected_srcs(ap_op op) {
     case AP_OP_INPUT: case AP_OP_PARAM: case AP_OP_OPT_STATE: case AP_OP_FILL: return 0;
     case AP_OP_SCALE: case AP_OP_RELU: case AP_OP_GELU: case AP_OP_SOFTMAX: case AP_OP_RESHAPE:
     case AP_OP_PERMUTE: case AP_OP_SLICE: case AP_OP_SUM: case AP_OP_MEAN:
-    case AP_OP_SLICE_BACK: case AP_OP_SUM_TO: case AP_OP_EXPAND: return 1;
+    case AP_OP_SLICE_BACK: case AP_OP_SUM_TO: case AP_OP_EXPAND: case AP_OP_CE_COMBINE: return 1;
     case AP_OP_LAYERNORM: case AP_OP_LAYERNORM_BACK: case AP_OP_MSE_LOSS_BACK:
     case AP_OP_CROSS_ENTROPY_BACK: case AP_OP_ADAMW_UPDATE: return 3;
+    case AP_OP_CE_BACK_PARTIAL: return 4;
     case AP_OP_CONCAT: return -1;
     default: return 2;
     }
@@ -476,8 +477,10 @@ static int expected_dtype(ap_op op, int k) {
     case AP_OP_RESHAPE: case AP_OP_PERMUTE: case AP_OP_SLICE: case AP_OP_CONCAT:
     case AP_OP_SLICE_BACK: return -1;
     case AP_OP_EMBEDDING: case AP_OP_EMBEDDING_BACK: case AP_OP_CROSS_ENTROPY:
+    case AP_OP_CE_PARTIAL:
         return k == 1 ? AUTOPAR_I32 : AUTOPAR_F32;
-    case AP_OP_CROSS_ENTROPY_BACK: return k == 2 ? AUTOPAR_I32 : AUTOPAR_F32;
+    case AP_OP_CROSS_ENTROPY_BACK: case AP_OP_CE_BACK_PARTIAL:
+        return k == 2 ? AUTOPAR_I32 : AUTOPAR_F32;
     default: return AUTOPAR_F32;
     }
 }

@@ -314,22 +314,80 @@ __global__ void cross_entropy_back_kernel(float *dx, const float *dl, const floa
     }
 }
 
+// Vocabulary-parallel cross-entropy (internal.h). ce_partial: logits (rows, Vl) are columns
+// [v0, v0 + Vl) of a vocabulary V; part[r] = (max, sum of exp(x - max), x at the label or 0).
+__global__ void ce_partial_kernel(float *part, const float *logits, const int *labels, i64 Vl,
+                                  i64 v0, i64 V, ap_cuda_flag *flag, int code) {
+    const float *xr = logits + blockIdx.x * Vl;
+    int label = labels[blockIdx.x];
+    float m = -INFINITY;
+    for (i64 c = threadIdx.x; c < Vl; c += blockDim.x) m = fmaxf(m, xr[c]);
+    m = block_max(m);
+    float s = 0.0f;
+    for (i64 c = threadIdx.x; c < Vl; c += blockDim.x) s += expf(xr[c] - m);
+    s = block_sum(s);
+    if (threadIdx.x == 0) {
+        if (label < 0 || label >= V)
+            ap_cuda_report_bad_index(flag, code, label, (int)V, (long long)blockIdx.x);
+        i64 t = (i64)label - v0;
+        float *o = part + 3 * blockIdx.x;
+        o[0] = m;
+        o[1] = s;
+        o[2] = t >= 0 && t < Vl ? xr[t] : 0.0f;
+    }
+}
+
+// parts (P, rows, 3) -> per row (m, s) combined over P; loss[r] = log s + m - sum xt when
+// `loss` is given, else stats[r] = (m, s). One thread per row.
+__global__ void ce_combine_kernel(float *loss, float *stats, const float *parts, i64 P,
+                                  i64 rows) {
+    i64 r = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float m = -INFINITY, s = 0.0f, xt = 0.0f;
+    for (i64 p = 0; p < P; p++) m = fmaxf(m, parts[(p * rows + r) * 3]);
+    for (i64 p = 0; p < P; p++) {
+        const float *q = parts + (p * rows + r) * 3;
+        if (q[1] > 0.0f) s += q[1] * expf(q[0] - m);
+        xt += q[2];
+    }
+    if (loss) loss[r] = logf(s) + m - xt;
+    else {
+        stats[2 * r] = m;
+        stats[2 * r + 1] = s;
+    }
+}
+
+// dx = dl * (exp(x - m) / s - onehot(label - v0)) / rows on the device's columns
+__global__ void ce_back_partial_kernel(float *dx, const float *dl, const float *logits,
+                                       const int *labels, const float *stats, i64 Vl, i64 v0,
+                                       float inv_rows) {
+    const float *xr = logits + blockIdx.x * Vl;
+    float *dxr = dx + blockIdx.x * Vl;
+    i64 t = (i64)labels[blockIdx.x] - v0;
+    float m = stats[2 * blockIdx.x], inv = 1.0f / stats[2 * blockIdx.x + 1];
+    float g = dl[0] * inv_rows;
+    for (i64 c = threadIdx.x; c < Vl; c += blockDim.x)
+        dxr[c] = g * (expf(xr[c] - m) * inv - (c == t ? 1.0f : 0.0f));
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Embedding                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
-// out is (N, C), table (V, C), ids (N): out[s] = table[ids[s]] (zeros + flag when out of range)
+// out is (N, C), table (rows, C) = rows [v0, v0 + rows) of a vocabulary V, ids (N):
+// out[s] = table[ids[s] - v0], zeros for an id outside the local rows (flag when outside [0, V))
 __global__ void embedding_kernel(float *out, const float *table, const int *ids, i64 N, i64 C,
-                                 int V, ap_cuda_flag *flag, int code) {
+                                 int V, i64 v0, i64 rows, ap_cuda_flag *flag, int code) {
     i64 total = N * C;
     AP_GRID_LOOP(t, total) {
         i64 s = t / C, c = t % C;
         int id = ids[s];
-        if (id >= 0 && id < V) {
-            out[t] = table[(i64)id * C + c];
-        } else {
+        i64 r = (i64)id - v0;
+        if (id < 0 || id >= V) {
             if (c == 0) ap_cuda_report_bad_index(flag, code, id, V, (long long)s);
             out[t] = 0.0f;
+        } else {
+            out[t] = r >= 0 && r < rows ? table[r * C + c] : 0.0f;
         }
     }
 }
@@ -522,6 +580,26 @@ static ap_status run_mse_loss(ap_cuda_ctx *ctx, const ap_kernel_call *c, const c
                       n > 0 ? (float)(1.0 / (double)n) : 0.0f, (float *)scratch);
 }
 
+/* Scratch for one loss per row (*loss) and the reduction of their mean (*partial). */
+static ap_status row_loss_scratch(ap_cuda_ctx *ctx, i64 rows, const char *what, float **loss,
+                                  float **partial) {
+    size_t losses = align256((size_t)rows * 4);
+    void *scratch;
+    ap_status s = ap_cuda_scratch(ctx, losses + (size_t)reduce_scratch(1, rows, 1) * 4,
+                                  &scratch, what);
+    if (s != AUTOPAR_OK) return s;
+    *loss = (float *)scratch;
+    *partial = (float *)((char *)scratch + losses);
+    return AUTOPAR_OK;
+}
+
+/* out = the mean of the per-row losses (rows > 0), deterministically. */
+static ap_status mean_of_row_losses(ap_cuda_ctx *ctx, const char *what, float *out,
+                                    const float *loss, float *partial, i64 rows) {
+    return reduce_sum(ctx, what, out, plain_load{loss}, 1, rows, 1, (float)(1.0 / (double)rows),
+                      partial);
+}
+
 static ap_status run_cross_entropy(ap_cuda_ctx *ctx, const ap_kernel_call *c, const char *what) {
     bool back = c->op == AP_OP_CROSS_ENTROPY_BACK;
     const ap_shape *sx = &c->src_shape[back ? 1 : 0], *sl = &c->src_shape[back ? 2 : 1];
@@ -547,29 +625,91 @@ static ap_status run_cross_entropy(ap_cuda_ctx *ctx, const ap_kernel_call *c, co
         AP_CUDA_LAUNCHED(what);
         return AUTOPAR_OK;
     }
-    size_t losses = align256((size_t)rows * 4);
-    void *scratch;
-    if ((s = ap_cuda_scratch(ctx, losses + (size_t)reduce_scratch(1, rows, 1) * 4, &scratch,
-                             what)) != AUTOPAR_OK)
-        return s;
-    float *loss = (float *)scratch, *partial = (float *)((char *)scratch + losses);
+    float *loss, *partial;
+    if ((s = row_loss_scratch(ctx, rows, what, &loss, &partial)) != AUTOPAR_OK) return s;
     cross_entropy_kernel<<<(unsigned)rows, row_threads(V), 0, ctx->stream>>>(
         loss, (const float *)c->src[0], (const int *)c->src[1], V, ctx->flag, code);
     AP_CUDA_LAUNCHED(what);
-    return reduce_sum(ctx, what, (float *)c->out, plain_load{loss}, 1, rows, 1,
-                      (float)(1.0 / (double)rows), partial);
+    return mean_of_row_losses(ctx, what, (float *)c->out, loss, partial, rows);
+}
+
+static ap_status run_ce_parallel(ap_cuda_ctx *ctx, const ap_kernel_call *c, const char *what) {
+    ap_status s;
+    if (c->op == AP_OP_CE_PARTIAL) {
+        const ap_shape *sx = &c->src_shape[0];
+        i64 Vl = last_dim(sx), rows = Vl ? numel(sx) / Vl : 0, v0 = c->attrs.i[0];
+        i64 V = c->attrs.i[1];
+        if (sx->ndim < 1 || numel(&c->src_shape[1]) != rows || numel(&c->out_shape) != 3 * rows)
+            return bad_shapes(what, "want logits[..., Vl], labels[...] and an output [..., 3]");
+        if (v0 < 0 || V < v0 + Vl || V > INT_MAX)
+            return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: columns [%lld, %lld) outside a "
+                            "vocabulary of %lld", what, (long long)v0, (long long)(v0 + Vl),
+                            (long long)V);
+        if ((s = check_rows(what, rows)) != AUTOPAR_OK) return s;
+        if (rows == 0 || Vl == 0) return AUTOPAR_OK;
+        int code = ap_cuda_flag_code(ctx, ap_op_name(c->op), c->name);
+        ce_partial_kernel<<<(unsigned)rows, row_threads(Vl), 0, ctx->stream>>>(
+            (float *)c->out, (const float *)c->src[0], (const int *)c->src[1], Vl, v0, V,
+            ctx->flag, code);
+        AP_CUDA_LAUNCHED(what);
+        return AUTOPAR_OK;
+    }
+    if (c->op == AP_OP_CE_COMBINE) {
+        const ap_shape *sp = &c->src_shape[0];
+        bool stats = c->attrs.i[0] == 1;
+        i64 P = sp->ndim >= 2 ? sp->dim[0] : 0, rows = P ? numel(sp) / (3 * P) : 0;
+        if (sp->ndim < 2 || last_dim(sp) != 3 || numel(&c->out_shape) != (stats ? 2 * rows : 1))
+            return bad_shapes(what, "want parts [P, ..., 3] and a scalar or [..., 2] output");
+        if (rows == 0) {
+            if (!stats) AP_CUDA_TRY(what, cudaMemsetAsync(c->out, 0, 4, ctx->stream));
+            return AUTOPAR_OK;
+        }
+        unsigned grid = (unsigned)((rows + BLOCK - 1) / BLOCK);
+        if (stats) {
+            ce_combine_kernel<<<grid, BLOCK, 0, ctx->stream>>>(NULL, (float *)c->out,
+                                                                (const float *)c->src[0], P, rows);
+            AP_CUDA_LAUNCHED(what);
+            return AUTOPAR_OK;
+        }
+        float *loss, *partial;
+        if ((s = row_loss_scratch(ctx, rows, what, &loss, &partial)) != AUTOPAR_OK) return s;
+        ce_combine_kernel<<<grid, BLOCK, 0, ctx->stream>>>(loss, NULL, (const float *)c->src[0], P,
+                                                            rows);
+        AP_CUDA_LAUNCHED(what);
+        return mean_of_row_losses(ctx, what, (float *)c->out, loss, partial, rows);
+    }
+    /* CE_BACK_PARTIAL: (dL, logits, labels, stats) */
+    const ap_shape *sx = &c->src_shape[1];
+    i64 Vl = last_dim(sx), n = numel(sx), rows = Vl ? n / Vl : 0;
+    if (sx->ndim < 1 || numel(&c->src_shape[0]) != 1 || numel(&c->src_shape[2]) != rows ||
+        numel(&c->src_shape[3]) != 2 * rows || numel(&c->out_shape) != n)
+        return bad_shapes(what, "want (scalar dL, logits[..., Vl], labels[...], stats[..., 2]) "
+                                "and an output of the logits' size");
+    if ((s = check_rows(what, rows)) != AUTOPAR_OK) return s;
+    if (rows == 0 || Vl == 0) return AUTOPAR_OK;
+    ce_back_partial_kernel<<<(unsigned)rows, row_threads(Vl), 0, ctx->stream>>>(
+        (float *)c->out, (const float *)c->src[0], (const float *)c->src[1],
+        (const int *)c->src[2], (const float *)c->src[3], Vl, c->attrs.i[0],
+        (float)(1.0 / (double)rows));
+    AP_CUDA_LAUNCHED(what);
+    return AUTOPAR_OK;
 }
 
 static ap_status run_embedding(ap_cuda_ctx *ctx, const ap_kernel_call *c, const char *what) {
     const ap_shape *st = &c->src_shape[0];
-    i64 C = last_dim(st), V = C ? numel(st) / C : 0, N = numel(&c->src_shape[1]);
+    i64 C = last_dim(st), rows = C ? numel(st) / C : 0, N = numel(&c->src_shape[1]);
+    i64 v0 = c->attrs.i[1] > 0 ? c->attrs.i[0] : 0, V = c->attrs.i[1] > 0 ? c->attrs.i[1] : rows;
     if (numel(&c->out_shape) != N * C) return bad_shapes(what, "output is not ids' shape + [C]");
     if (V > INT_MAX) return ap_error(AUTOPAR_ERR_UNSUPPORTED, "%s: V beyond INT_MAX", what);
+    if (v0 < 0 || V < v0 + rows)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: table rows [%lld, %lld) outside a "
+                        "vocabulary of %lld", what, (long long)v0, (long long)(v0 + rows),
+                        (long long)V);
     if (N * C == 0) return AUTOPAR_OK;
     int code = ap_cuda_flag_code(ctx, ap_op_name(c->op), c->name);
     embedding_kernel<<<ap_cuda_grid(N * C, BLOCK), BLOCK, 0, ctx->stream>>>(
-        (float *)c->out, (const float *)c->src[0], (const int *)c->src[1], N, C, (int)V,
-        ctx->flag, code);
+        (float *)c->out, (const float *)c->src[0], (const int *)c->src[1], N, C, (int)V, v0,
+        rows, ctx->flag, code);
     AP_CUDA_LAUNCHED(what);
     return AUTOPAR_OK;
 }
@@ -621,6 +761,8 @@ ap_status ap_cuda_run_rows(ap_cuda_ctx *ctx, const ap_kernel_call *c, const char
     case AP_OP_SUM: case AP_OP_MEAN: case AP_OP_SUM_TO: return run_sum(ctx, c, what);
     case AP_OP_MSE_LOSS: return run_mse_loss(ctx, c, what);
     case AP_OP_CROSS_ENTROPY: case AP_OP_CROSS_ENTROPY_BACK: return run_cross_entropy(ctx, c, what);
+    case AP_OP_CE_PARTIAL: case AP_OP_CE_COMBINE: case AP_OP_CE_BACK_PARTIAL:
+        return run_ce_parallel(ctx, c, what);
     case AP_OP_EMBEDDING: return run_embedding(ctx, c, what);
     case AP_OP_EMBEDDING_BACK: return run_embedding_back(ctx, c, what);
     default:
