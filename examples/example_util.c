@@ -2,7 +2,9 @@
 
 #include "example_util.h"
 
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -18,6 +20,44 @@ int example_parse_method(const char *text, autopar_method *out) {
     else if (!strcmp(text, "dp")) *out = AUTOPAR_METHOD_DATA_PARALLEL;
     else if (!strcmp(text, "zero2")) *out = AUTOPAR_METHOD_ZERO2;
     else return 1;
+    return 0;
+}
+
+/* Stores text into flag f; returns whether the whole text was a valid value. */
+static int set_flag(const example_flag *f, const char *text) {
+    char *end = NULL;
+    switch (f->kind) {
+    case EXAMPLE_INT: *(int *)f->dst = (int)strtol(text, &end, 10); break;
+    case EXAMPLE_I64: *(int64_t *)f->dst = (int64_t)strtoll(text, &end, 10); break;
+    case EXAMPLE_U64: *(uint64_t *)f->dst = (uint64_t)strtoull(text, &end, 10); break;
+    case EXAMPLE_DOUBLE: *(double *)f->dst = strtod(text, &end); break;
+    case EXAMPLE_STRING: *(const char **)f->dst = text; return 1;
+    case EXAMPLE_METHOD: return example_parse_method(text, (autopar_method *)f->dst) == 0;
+    }
+    return end && end != text && *end == '\0';
+}
+
+int example_parse_flags(int argc, char **argv, const example_flag *flags, int n) {
+    for (int i = 1; i < argc; i++) {
+        const char *name = argv[i];
+        if (!strcmp(name, "-h") || !strcmp(name, "--help")) return 1;
+        const example_flag *f = NULL;
+        for (int k = 0; k < n && !f; k++)
+            if (!strcmp(flags[k].name, name)) f = &flags[k];
+        if (!f) {
+            fprintf(stderr, "%s: unknown flag %s\n", argv[0], name);
+            return 1;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "%s: missing value for %s\n", argv[0], name);
+            return 1;
+        }
+        const char *v = argv[++i];
+        if (!set_flag(f, v)) {
+            fprintf(stderr, "%s: bad value '%s' for %s\n", argv[0], v, name);
+            return 1;
+        }
+    }
     return 0;
 }
 

@@ -44,42 +44,14 @@ static void usage(const char *prog) {
 
 /* Parses "--flag value" pairs; returns 0 on success. */
 static int parse_args(int argc, char **argv, args *a) {
-    for (int i = 1; i < argc; i++) {
-        const char *f = argv[i];
-        if (!strcmp(f, "-h") || !strcmp(f, "--help")) return 1;
-        if (i + 1 >= argc) {
-            fprintf(stderr, "%s: missing value for %s\n", argv[0], f);
-            return 1;
-        }
-        const char *v = argv[++i];
-        char *end = NULL;
-        if (!strcmp(f, "--cluster")) {
-            a->cluster = v;
-            continue;
-        }
-        if (!strcmp(f, "--method")) {
-            if (example_parse_method(v, &a->method)) {
-                fprintf(stderr, "%s: unknown method '%s'\n", argv[0], v);
-                return 1;
-            }
-            continue;
-        }
-        if (!strcmp(f, "--dim")) a->dim = strtoll(v, &end, 10);
-        else if (!strcmp(f, "--batch")) a->batch = strtoll(v, &end, 10);
-        else if (!strcmp(f, "--micro")) a->micro = (int)strtol(v, &end, 10);
-        else if (!strcmp(f, "--steps")) a->steps = (int)strtol(v, &end, 10);
-        else if (!strcmp(f, "--every")) a->every = (int)strtol(v, &end, 10);
-        else if (!strcmp(f, "--lr")) a->lr = strtod(v, &end);
-        else if (!strcmp(f, "--seed")) a->seed = strtoull(v, &end, 10);
-        else {
-            fprintf(stderr, "%s: unknown flag %s\n", argv[0], f);
-            return 1;
-        }
-        if (!end || *end != '\0') {
-            fprintf(stderr, "%s: bad value '%s' for %s\n", argv[0], v, f);
-            return 1;
-        }
-    }
+    const example_flag flags[] = {
+        {"--cluster", EXAMPLE_STRING, &a->cluster}, {"--method", EXAMPLE_METHOD, &a->method},
+        {"--dim", EXAMPLE_I64, &a->dim},            {"--batch", EXAMPLE_I64, &a->batch},
+        {"--micro", EXAMPLE_INT, &a->micro},        {"--steps", EXAMPLE_INT, &a->steps},
+        {"--every", EXAMPLE_INT, &a->every},        {"--lr", EXAMPLE_DOUBLE, &a->lr},
+        {"--seed", EXAMPLE_U64, &a->seed},
+    };
+    if (example_parse_flags(argc, argv, flags, (int)(sizeof flags / sizeof flags[0]))) return 1;
     if (a->dim <= 0 || a->batch <= 0 || a->steps <= 0 || a->every <= 0 || !(a->lr > 0)) {
         fprintf(stderr, "%s: --dim, --batch, --steps, --every and --lr must be > 0\n", argv[0]);
         return 1;
