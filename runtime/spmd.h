@@ -34,8 +34,8 @@
  *  - the other row-wise ops (layernorm and its backward ops, softmax) need whole rows: a
  *    split of the last dim is moved onto a whole row dim (all-to-all there and back; every
  *    device then normalises its own rows), or gathered when no row dim can take it; their gain
- *    and bias are gathered. A causal softmax also needs its query dim whole (the kernel masks
- *    with the LOCAL row index and has no row-offset attribute).
+ *    and bias are gathered. A causal softmax may keep its query dim split: the kernel's ia[1]
+ *    gives the global index of the device's first query row.
  *  - a lookup in a vocabulary-split table is vocabulary-parallel: each device looks up the ids
  *    of its rows (zeros for the others: the EMBEDDING kernel's ia[0], ia[1]) and the result is
  *    a pending sum over the vocabulary axes; embedding gradients are computed for the whole

@@ -696,12 +696,10 @@ static bool op_rule_of(const sp_lower_ctx *c, const ap_node *v, op_rule *r) {
         return true;
     }
     case AP_OP_SOFTMAX: {
+        /* A causal softmax may have its query (second-to-last) dim split: the kernel's ia[1]
+         * (set in lower_node) gives the global index of the device's first query row. */
         ap_spec S = E[0];
         bool causal = v->attrs.i[0] != 0 && S.ndim >= 2;
-        if (causal && S.dim[S.ndim - 2] != AP_DIM_R) {
-            S.dim[S.ndim - 2] = AP_DIM_R;   /* the causal mask uses the LOCAL row index */
-            r->why = "causal softmax masks with the local row index";
-        }
         whole_rows(c, &S, &v->shape, causal ? S.ndim - 2 : -1, r, "softmax needs whole rows");
         E[0] = S;
         r->C = S;
@@ -1109,6 +1107,13 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     }
     if (v->op == AP_OP_RESHAPE)   /* kernels size from shapes; keep the attrs consistent */
         for (int d = 0; d < out_local.ndim; d++) in->call.attrs.i[1 + d] = out_local.dim[d];
+    if (v->op == AP_OP_SOFTMAX && v->attrs.i[0] != 0 && r.C.ndim >= 2 &&
+        r.C.dim[r.C.ndim - 2] != AP_DIM_R) {   /* the device's first query row */
+        int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
+        if ((st = ap_spec_tile(m, &r.C, &v->shape, c->coord[0], c->coord[1], off, ext)))
+            return st;
+        in->call.attrs.i[1] = off[r.C.ndim - 2];
+    }
     if (v->op == AP_OP_EMBEDDING && r.E[0].dim[0] != AP_DIM_R) {   /* this device's rows */
         int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
         const ap_node *table = ap_src(g, v, 0);

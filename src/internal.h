@@ -59,6 +59,8 @@ typedef enum ap_op {
     AP_OP_GELU,           /* tanh approximation                                                 */
     AP_OP_LAYERNORM,      /* A[..., C], gain B[C], bias C[C]; fa[0] = eps; over the last dim  */
     AP_OP_SOFTMAX,        /* over the last dim; ia[0] = causal (mask j > i on the last 2 dims)*/
+                          /* ia[1]: the global index of local query row 0 (kernel calls of  */
+                          /* the SPMD lowering for a query-split causal softmax; graphs: 0)  */
     AP_OP_RESHAPE,        /* out shape = node shape (also stored as ia[0] = ndim, ia[1..4])  */
     AP_OP_PERMUTE,        /* out dim i = A dim ia[i]                                           */
     AP_OP_SLICE,          /* ia[0] = axis, ia[1] = start, ia[2] = len                          */

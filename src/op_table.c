@@ -271,6 +271,9 @@ static ap_status infer_softmax(const autopar_graph *g, ap_node *n, char *msg, si
             FAIL(AUTOPAR_ERR_SHAPE, "causal softmax needs square last two dims, x '%s' is %s",
                  SRC(0)->name, SHAPE_STR(x, b));
     }
+    if (n->attrs.i[1] != 0)
+        FAIL(AUTOPAR_ERR_INVALID_ARG, "attribute ia[1] (a row offset) is set by the runtime's "
+             "lowering; graphs leave it 0");
     n->dtype = AUTOPAR_F32;
     n->shape = *x;
     return AUTOPAR_OK;

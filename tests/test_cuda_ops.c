@@ -539,6 +539,11 @@ static void run_all(ap_cuda_ctx *ctx) {
     softmax_case(ctx, "softmax causal [2,13,9]", shp(3, 2, 13, 9), 1);
     softmax_case(ctx, "softmax causal [3,5,40]", shp(3, 3, 5, 40), 1);
     softmax_case(ctx, "softmax [5,9000]", shp(2, 5, 9000), 0);
+    begin(AP_OP_SOFTMAX, "softmax causal [2,5,40] query rows from 20", shp(3, 2, 5, 40));
+    src_f32(shp(3, 2, 5, 40), -5, 5);
+    T.attrs.i[0] = 1;
+    T.attrs.i[1] = 20;
+    finish(ctx, 1e-6, 1e-4);
     begin(AP_OP_SOFTMAX_BACK, "softmax_back", shp(4, 2, 3, 9, 13));
     src_f32(shp(4, 2, 3, 9, 13), 0, 1);
     src_f32(shp(4, 2, 3, 9, 13), -1, 1);

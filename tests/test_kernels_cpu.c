@@ -412,7 +412,7 @@ static void ref_softmax(const tcase *t, double *const *in, double *out) {
     int64_t idx[AP_MAX_DIMS];
     for (int64_t r = 0; r < rows; r++) {
         unravel(r * C, s, idx);
-        int64_t i = s->ndim >= 2 ? idx[s->ndim - 2] : 0;
+        int64_t i = (s->ndim >= 2 ? idx[s->ndim - 2] : 0) + t->call.attrs.i[1];   /* row offset */
         double sum = 0;
         for (int64_t j = 0; j < C; j++) {
             bool masked = t->call.attrs.i[0] && j > i;
@@ -860,6 +860,33 @@ static void test_softmax(void) {
         tc_free(&b);
         tc_free(&t);
     }
+    /* A query-split causal softmax: rows [3, 6) of a [2, 7, 7] one (row offset 3), against the
+     * reference with the offset and against those rows of the whole causal softmax. */
+    tcase t;
+    tc_init(&t, AP_OP_SOFTMAX, "[2,3,7] causal, query rows from 3", SH(2, 3, 7));
+    t.call.attrs.i[0] = 1;
+    t.call.attrs.i[1] = 3;
+    double *xv = tc_src(&t, SH(2, 3, 7), -3, 3);
+    double *got = check(&t, ref_softmax, true);
+    tcase w;
+    tc_init(&w, AP_OP_SOFTMAX, "", SH(2, 7, 7));
+    w.call.attrs.i[0] = 1;
+    double *xw = tc_src(&w, SH(2, 7, 7), 0, 0);
+    for (int b = 0; b < 2; b++)
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 7; j++) xw[(b * 7 + 3 + i) * 7 + j] = xv[(b * 3 + i) * 7 + j];
+    double yw[2 * 7 * 7], err = 0;
+    ref_softmax(&w, w.in, yw);
+    for (int b = 0; got && b < 2; b++)
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 7; j++)
+                err = fmax(err, fabs(got[(b * 3 + i) * 7 + j] - yw[(b * 7 + 3 + i) * 7 + j]));
+    char d[96];
+    snprintf(d, sizeof d, "max err %.3g", err);
+    report(got && err <= 1e-15, AP_OP_SOFTMAX, "== rows [3,6) of the whole causal softmax", d);
+    free(got);
+    tc_free(&w);
+    tc_free(&t);
 }
 
 static void test_movement(void) {

@@ -240,14 +240,14 @@ __global__ void layernorm_back_kernel(float *dx, const float *dy, const float *x
     }
 }
 
-// out, x are (rows, C); row r sits at index i = r % T of the second-to-last dim; causal: only
-// columns j <= i are kept (the others are 0)
-__global__ void softmax_kernel(float *out, const float *x, i64 C, i64 T, int causal) {
+// out, x are (rows, C); row r sits at index i = r % T + row0 of the second-to-last dim (row0:
+// the global index of local row 0); causal: only columns j <= i are kept (the others are 0)
+__global__ void softmax_kernel(float *out, const float *x, i64 C, i64 T, int causal, i64 row0) {
     const float *xr = x + blockIdx.x * C;
     float *outr = out + blockIdx.x * C;
     i64 valid = C;
     if (causal) {
-        i64 i = blockIdx.x % T;
+        i64 i = blockIdx.x % T + row0;
         valid = i + 1 < C ? i + 1 : C;
     }
     float m = -INFINITY;
@@ -517,8 +517,9 @@ static ap_status run_softmax(ap_cuda_ctx *ctx, const ap_kernel_call *c, const ch
     ap_status s = check_rows(what, rows);
     if (s != AUTOPAR_OK) return s;
     i64 T = sa->ndim >= 2 ? sa->dim[sa->ndim - 2] : 1;
+    if (c->attrs.i[1] < 0) return bad_shapes(what, "negative row offset");
     softmax_kernel<<<(unsigned)rows, row_threads(C), 0, ctx->stream>>>(
-        (float *)c->out, (const float *)c->src[0], C, T, c->attrs.i[0] != 0);
+        (float *)c->out, (const float *)c->src[0], C, T, c->attrs.i[0] != 0, c->attrs.i[1]);
     AP_CUDA_LAUNCHED(what);
     return AUTOPAR_OK;
 }
