@@ -686,6 +686,7 @@ ap_status ap_pipeline_step(ap_pipeline *pp, ap_spmd_feed_fn feed, void *ctx, dou
     ap_status st = ap_spmd_stage_begin(pp->spmd, B, pp->sched->peak_activations[pp->stage]);
     if ((st = ap_comm_all_ok(pp->world, st))) return st;
     ap_status fatal = run_group(pp, NULL, 0, &st, &t_p2p);
+    bool applied = false;
     int n_in = 0;
     const ap_inst *in = ap_schedule_stage_insts(pp->sched, pp->stage, &n_in);
     for (int i = 0; i < n_in && !fatal; i++) {
@@ -708,12 +709,23 @@ ap_status ap_pipeline_step(ap_pipeline *pp, ap_spmd_feed_fn feed, void *ctx, dou
             st = ap_spmd_stage_backward(pp->spmd, in[i].micro_batch,
                                         (in[i].flags & AP_INST_FIRST_MB) != 0, st);
             break;
-        case AP_INST_APPLY: st = ap_spmd_stage_apply(pp->spmd, B, st, pp->world); break;
+        case AP_INST_APPLY:
+            st = ap_spmd_stage_apply(pp->spmd, B, st, pp->world);
+            applied = true;
+            break;
         default: break;   /* FREE: the stash slot went back at its backward; GRAD_SYNC: */
                           /* the deferred sums run in APPLY */
         }
     }
     if (fatal && !st) st = fatal;
+    /* A rank that stopped early still joins the agreement the others make before applying,
+     * so that the collectives over the world stay matched. */
+    if (!applied) {
+        if (!st)
+            st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "pipeline: stage %d's instruction list has no "
+                          "APPLY", pp->stage);
+        st = ap_comm_all_ok(pp->world, st);
+    }
     double lv = 0.0;
     st = ap_spmd_stage_finish(pp->spmd, st, pp->world, &lv);
     if (!st && pp->loss_stage >= 0)
