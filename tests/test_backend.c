@@ -25,6 +25,7 @@
 #include "cpu/kernels_cpu.h"
 #include "graph_runner.h"
 #include "models.h"
+#include "train_feeds.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -312,14 +313,6 @@ cleanup:
 /* Graph runner against the reference executor                                                 */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Up to 4 inputs written to both executors each step. */
-typedef struct feed {
-    int             n;
-    autopar_tensor *t[4];
-    const void     *data[4];
-    int64_t         count[4];
-} feed;
-
 /* Writes the feed to the reference executor and the runner. */
 static autopar_status feed_both(const feed *f, autopar_executor *ex, ap_graph_runner *r) {
     for (int i = 0; i < f->n; i++) {
@@ -431,98 +424,28 @@ cleanup:
     autopar_executor_free(ex);
 }
 
-/* The MLP's batches. */
-typedef struct mlp_model {
-    mlp_config      c;
-    autopar_tensor *x, *y;
-    float          *xb, *yb;
-} mlp_model;
-
-static void mlp_feed(void *model, int step, feed *f) {
-    mlp_model *m = model;
-    model_mlp_batch(&m->c, 1234, 99, step, m->xb, m->yb);
-    int64_t n = m->c.batch * m->c.dim;
-    *f = (feed){.n = 2, .t = {m->x, m->y}, .data = {m->xb, m->yb}, .count = {n, n}};
-}
-
-/* The GPT's batches: random tokens in [0, vocab), targets = tokens shifted by one. */
-typedef struct gpt_model {
-    gpt_config      c;
-    autopar_tensor *tokens, *targets;
-    int32_t        *tok, *tgt;
-    int             bad_token;  /* when set, the first token of every batch is out of range */
-} gpt_model;
-
-static uint64_t lcg(uint64_t *s) {
-    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
-    return *s >> 33;
-}
-
-static void gpt_feed(void *model, int step, feed *f) {
-    gpt_model *m = model;
-    int64_t n = m->c.batch * m->c.seq;
-    uint64_t s = 0x5eed + (uint64_t)step * 7919;
-    int32_t prev = (int32_t)(lcg(&s) % (uint64_t)m->c.vocab);
-    for (int64_t i = 0; i < n; i++) {
-        m->tok[i] = prev;
-        prev = (int32_t)(lcg(&s) % (uint64_t)m->c.vocab);
-        m->tgt[i] = prev;
-    }
-    if (m->bad_token) m->tok[0] = (int32_t)m->c.vocab;
-    *f = (feed){.n = 2, .t = {m->tokens, m->targets}, .data = {m->tok, m->tgt}, .count = {n, n}};
-}
-
 static void test_runner_mlp(ap_backend *b, autopar_precision p, const char *label) {
     autopar_graph *g = NULL;
-    autopar_tensor *loss = NULL;
-    mlp_model m = {.c = {.batch = 24, .dim = 16, .mark_layers = 0}};
+    mlp_model m = {.c = {.batch = 24, .dim = 16, .mark_layers = 0}, .batch_seed = 99};
     autopar_optimizer o = adamw(3e-3f);
-    int64_t n = m.c.batch * m.c.dim;
-    m.xb = malloc((size_t)n * sizeof(float));
-    m.yb = malloc((size_t)n * sizeof(float));
-    if (!m.xb || !m.yb) {
-        CHECK(false, "out of memory");
-        goto cleanup;
-    }
-    TRY(autopar_graph_new(&g));
-    TRY(model_mlp_build(g, &m.c, &loss));
-    TRY(autopar_build_training(g, loss, &o));
-    m.x = autopar_graph_find(g, "x");
-    m.y = autopar_graph_find(g, "y");
-    CHECK(m.x && m.y, "MLP inputs");
-    if (!m.x || !m.y) goto cleanup;
+    TRY(mlp_model_build(&m, &o, &g));
     compare_with_reference(label, g, b, p, 3, mlp_feed, &m);
 cleanup:
     autopar_graph_free(g);
-    free(m.xb);
-    free(m.yb);
+    mlp_model_free(&m);
 }
 
 static void test_runner_gpt(ap_backend *b, const char *label) {
     autopar_graph *g = NULL;
-    autopar_tensor *loss = NULL;
     gpt_model m = {.c = {.layers = 2, .hidden = 32, .heads = 4, .seq = 16, .vocab = 64,
-                         .batch = 3, .mark_layers = 1}};
+                         .batch = 3, .mark_layers = 1},
+                   .seed = 0x5eed, .stride = 7919};
     autopar_optimizer o = adamw(3e-3f);
-    int64_t n = m.c.batch * m.c.seq;
-    m.tok = malloc((size_t)n * sizeof(int32_t));
-    m.tgt = malloc((size_t)n * sizeof(int32_t));
-    if (!m.tok || !m.tgt) {
-        CHECK(false, "out of memory");
-        goto cleanup;
-    }
-    TRY(autopar_graph_new(&g));
-    TRY(model_gpt_build(g, &m.c, &loss));
-    TRY(autopar_build_training(g, loss, &o));
-    m.tokens = autopar_graph_find(g, "tokens");
-    m.targets = autopar_graph_find(g, "targets");
-    CHECK(m.tokens && m.targets, "GPT inputs");
-    if (!m.tokens || !m.targets) goto cleanup;
+    TRY(gpt_model_build(&m, &o, &g));
     compare_with_reference(label, g, b, AUTOPAR_PRECISION_F32, 3, gpt_feed, &m);
 cleanup:
     autopar_graph_free(g);
-    free(m.tok);
-    free(m.tgt);
+    gpt_model_free(&m);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -535,21 +458,17 @@ static void test_runner_errors(ap_backend *cpu) {
     ap_backend *f32 = minimal_backend(&f32_iface);
     autopar_tensor *loss = NULL, *loss2 = NULL;
     gpt_model m = {.c = {.layers = 1, .hidden = 16, .heads = 2, .seq = 8, .vocab = 32,
-                         .batch = 2, .mark_layers = 0}};
+                         .batch = 2, .mark_layers = 0},
+                   .seed = 0x5eed, .stride = 7919, .bad_pos = 0, .bad_excess = 0};
     autopar_optimizer o = adamw(1e-3f);
-    int64_t n = m.c.batch * m.c.seq;
-    m.tok = malloc((size_t)n * sizeof(int32_t));
-    m.tgt = malloc((size_t)n * sizeof(int32_t));
     float *before = NULL, *after = NULL;
-    if (!m.tok || !m.tgt || !f32) {
+    if (!f32) {
         CHECK(false, "out of memory");
         goto cleanup;
     }
-    TRY(autopar_graph_new(&g));
-    TRY(model_gpt_build(g, &m.c, &loss));
-    TRY(autopar_build_training(g, loss, &o));
-    m.tokens = autopar_graph_find(g, "tokens");
-    m.targets = autopar_graph_find(g, "targets");
+    TRY(gpt_model_build(&m, &o, &g));
+    loss = autopar_graph_loss(g);
+    int64_t n = m.c.batch * m.c.seq;
 
     /* Argument errors. */
     EXPECT_ERR(ap_graph_runner_new(g, NULL, 1, AUTOPAR_PRECISION_F32, &r), AUTOPAR_ERR_INVALID_ARG,
@@ -633,8 +552,7 @@ cleanup:
     autopar_graph_free(g2);
     autopar_graph_free(fwd);
     ap_backend_free(f32);
-    free(m.tok);
-    free(m.tgt);
+    gpt_model_free(&m);
     free(before);
     free(after);
 }

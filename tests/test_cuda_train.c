@@ -35,6 +35,7 @@
 #include "backend.h"
 #include "graph_runner.h"
 #include "models.h"
+#include "train_feeds.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -112,14 +113,6 @@ cleanup:
 /* Training comparison                                                                         */
 /* ------------------------------------------------------------------------------------------ */
 
-typedef struct feed {
-    int             n;
-    autopar_tensor *t[4];
-    const void     *data[4];
-    int64_t         count[4];
-} feed;
-
-typedef void (*make_feed_fn)(void *model, int step, feed *f);
 
 /* Compares tensor t: |gpu - cpu| <= rtol * |cpu| + atol + floor * max|cpu|. Prints the worst
  * element; returns false on a violation. *worst_rel gets max |gpu - cpu| / (|cpu| + atol). */
@@ -207,92 +200,27 @@ cleanup:
     autopar_executor_free(ex);
 }
 
-typedef struct mlp_model {
-    mlp_config      c;
-    autopar_tensor *x, *y;
-    float          *xb, *yb;
-} mlp_model;
-
-static void mlp_feed(void *model, int step, feed *f) {
-    mlp_model *m = model;
-    model_mlp_batch(&m->c, 1234, 5, step, m->xb, m->yb);
-    int64_t n = m->c.batch * m->c.dim;
-    *f = (feed){.n = 2, .t = {m->x, m->y}, .data = {m->xb, m->yb}, .count = {n, n}};
-}
-
-typedef struct gpt_model {
-    gpt_config      c;
-    autopar_tensor *tokens, *targets;
-    int32_t        *tok, *tgt;
-    int             bad_token;
-} gpt_model;
-
-static uint64_t lcg(uint64_t *s) {
-    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
-    return *s >> 33;
-}
-
-static void gpt_feed(void *model, int step, feed *f) {
-    gpt_model *m = model;
-    int64_t n = m->c.batch * m->c.seq;
-    uint64_t s = 0xC0FFEE + (uint64_t)step * 104729;
-    int32_t prev = (int32_t)(lcg(&s) % (uint64_t)m->c.vocab);
-    for (int64_t i = 0; i < n; i++) {
-        m->tok[i] = prev;
-        prev = (int32_t)(lcg(&s) % (uint64_t)m->c.vocab);
-        m->tgt[i] = prev;
-    }
-    if (m->bad_token) m->tok[n / 2] = (int32_t)m->c.vocab + 3;
-    *f = (feed){.n = 2, .t = {m->tokens, m->targets}, .data = {m->tok, m->tgt}, .count = {n, n}};
-}
-
 static void test_mlp(ap_backend *b) {
     autopar_graph *g = NULL;
-    autopar_tensor *loss = NULL;
-    mlp_model m = {.c = {.batch = 64, .dim = 48, .mark_layers = 0}};
+    mlp_model m = {.c = {.batch = 64, .dim = 48, .mark_layers = 0}, .batch_seed = 5};
     autopar_optimizer o = adamw();
-    int64_t n = m.c.batch * m.c.dim;
-    m.xb = malloc((size_t)n * sizeof(float));
-    m.yb = malloc((size_t)n * sizeof(float));
-    if (!m.xb || !m.yb) {
-        CHECK(false, "out of memory");
-        goto cleanup;
-    }
-    TRY(autopar_graph_new(&g));
-    TRY(model_mlp_build(g, &m.c, &loss));
-    TRY(autopar_build_training(g, loss, &o));
-    m.x = autopar_graph_find(g, "x");
-    m.y = autopar_graph_find(g, "y");
-    if (!m.x || !m.y) {
-        CHECK(false, "MLP inputs");
-        goto cleanup;
-    }
+    TRY(mlp_model_build(&m, &o, &g));
     compare_training("mlp/cuda", g, b, mlp_feed, &m);
 cleanup:
     autopar_graph_free(g);
-    free(m.xb);
-    free(m.yb);
+    mlp_model_free(&m);
 }
 
-/* Builds the small GPT used below. */
+/* Builds the small GPT used below (its batches: the stream of seed 0xC0FFEE; a bad token is
+ * vocab + 3 in the middle of the batch). */
 static int gpt_setup(gpt_model *m, autopar_graph **g) {
-    autopar_tensor *loss = NULL;
     autopar_optimizer o = adamw();
-    int64_t n = m->c.batch * m->c.seq;
-    *g = NULL;
-    m->tok = malloc((size_t)n * sizeof(int32_t));
-    m->tgt = malloc((size_t)n * sizeof(int32_t));
-    if (!m->tok || !m->tgt) {
-        CHECK(false, "out of memory");
-        return 1;
-    }
-    TRY(autopar_graph_new(g));
-    TRY(model_gpt_build(*g, &m->c, &loss));
-    TRY(autopar_build_training(*g, loss, &o));
-    m->tokens = autopar_graph_find(*g, "tokens");
-    m->targets = autopar_graph_find(*g, "targets");
-    if (m->tokens && m->targets) return 0;
-    CHECK(false, "GPT inputs");
+    m->seed = 0xC0FFEE;
+    m->stride = 104729;
+    m->bad_pos = -1;
+    m->bad_excess = 3;
+    TRY(gpt_model_build(m, &o, g));
+    return 0;
 cleanup:
     return 1;
 }
@@ -303,8 +231,7 @@ static void test_gpt(ap_backend *b) {
                          .batch = 4, .mark_layers = 0}};
     if (gpt_setup(&m, &g) == 0) compare_training("gpt/cuda", g, b, gpt_feed, &m);
     autopar_graph_free(g);
-    free(m.tok);
-    free(m.tgt);
+    gpt_model_free(&m);
 }
 
 /* F64 is refused at creation; a bad token id is reported by the step's synchronisation. */
@@ -355,8 +282,7 @@ static void test_errors(ap_backend *b) {
 cleanup:
     ap_graph_runner_free(r);
     autopar_graph_free(g);
-    free(m.tok);
-    free(m.tgt);
+    gpt_model_free(&m);
     free(before);
     free(after);
 }
