@@ -2,6 +2,7 @@
 # GPU check of the CUDA backend, for a machine with an NVIDIA GPU, the CUDA toolkit and NCCL:
 #   1. configures and builds a Release build with the CUDA backend into build-gpu/
 #   2. runs the CUDA tests (ctest -R cuda): every CUDA kernel against the CPU reference
+#   2b. trains mpi_test_session's plans on the CUDA backend (1 rank) against the CPU reference
 #   3. runs the GPU benchmarks, if any exist (bench/bench_*cuda*, bench/bench_gpu*)
 #   4. prints a results table
 # Exits 0 only if the backend was built, every CUDA test ran (none skipped) and passed, and
@@ -106,6 +107,22 @@ fi
 if [ -x "$dir/tests/test_cuda_ops" ] && [ "$n_skipped" -eq 0 ]; then
   summary=$("$dir/tests/test_cuda_ops" 2>&1 | tail -n 1)
   add_row "  test_cuda_ops" "info" "-" "$summary"
+fi
+
+# -- 2b. sessions on the CUDA backend (one GPU: one rank) --------------------------------------
+# mpi_test_session's plans trained on the CUDA backend against the CPU reference executor.
+if [ -x "$dir/tests/mpi_test_session" ] && [ "$n_skipped" -eq 0 ]; then
+  t0=$(now)
+  out=$dir/session-cuda.log
+  AUTOPAR_TEST_BACKEND=cuda mpirun --oversubscribe -np 1 "$dir/tests/mpi_test_session" >"$out" 2>&1
+  rc=$?
+  cat "$out"
+  if [ "$rc" -eq 0 ]; then
+    add_row "sessions on cuda (np 1)" "ok" "$(elapsed "$t0" "$(now)")" "$(tail -n 1 "$out")"
+  else
+    add_row "sessions on cuda (np 1)" "FAIL" "$(elapsed "$t0" "$(now)")" "exit $rc, see $out"
+    failed=1
+  fi
 fi
 
 # -- 3. GPU benchmarks (optional) --------------------------------------------------------------

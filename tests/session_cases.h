@@ -131,6 +131,15 @@ __attribute__((unused)) static int states_differ(autopar_session *sa, autopar_se
     return differ;
 }
 
+/* The backend run_case's sessions use: AUTOPAR_TEST_BACKEND=cuda or auto (scripts/gpu-check.sh
+ * runs the session test so on one GPU), the CPU backend otherwise. */
+static autopar_backend_kind test_backend_kind(void) {
+    const char *e = getenv("AUTOPAR_TEST_BACKEND");
+    if (e && !strcmp(e, "cuda")) return AUTOPAR_BACKEND_CUDA;
+    if (e && !strcmp(e, "auto")) return AUTOPAR_BACKEND_AUTO;
+    return AUTOPAR_BACKEND_CPU;
+}
+
 /* Payload bytes the plan's cross-stage transfers carry per step when every receiving tile
  * crosses between the meshes exactly once: each transfer's tensor once (the distinct tiles of
  * a spec partition it), parameters and other leaves once per step, activations and gradients
@@ -211,7 +220,7 @@ static void run_case(const model *m, const model *rm, const autopar_options *opt
     EXPECT_OK(autopar_cluster_preset("cpu", 1, g_size, &cl));
     EXPECT_OK(autopar_parallelize(m->g, cl, opt, &plan));
     if (!plan) goto done;
-    autopar_status st0 = autopar_session_new(plan, AUTOPAR_BACKEND_CPU, SEED, &s);
+    autopar_status st0 = autopar_session_new(plan, test_backend_kind(), SEED, &s);
     EXPECT(st0 == AUTOPAR_OK, "%s: autopar_session_new -> %s: %s", what,
            autopar_status_str(st0), autopar_last_error());
     for (int st = 0; s && st < N_STEPS; st++) {
