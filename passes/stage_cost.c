@@ -751,11 +751,19 @@ static void extract_fig(const ap_cost_ctx *x, int type, const ap_shard_plan *p, 
         if (v->phase == AUTOPAR_PHASE_APPLY) {
             f->apply += pn->compute + own;
         } else if (x->is_param_grad[id]) {
-            /* The gradient's own collective (finishing the sum over the data-parallel axis)
-             * runs once per step on the accumulated gradient. */
-            f->bwd += pn->compute;
+            /* The gradient's own all-reduce (finishing the sum over the data-parallel axis)
+             * runs once per step on the accumulated gradient; a reduce-scatter (ZeRO) runs per
+             * micro-batch, as the runtime does it, so that the accumulator holds only this
+             * device's shard. */
+            double per_mb = 0.0;
+            for (int k = 0; k < p->n_coll; k++)
+                if (p->coll[k].node == id && p->coll[k].operand < 0 &&
+                    p->coll[k].kind != AP_COLL_ALL_REDUCE)
+                    per_mb += p->coll[k].time;
+            if (per_mb > own) per_mb = own;
+            f->bwd += pn->compute + per_mb;
             f->bwd_compute += pn->compute;
-            f->sync += own;
+            f->sync += own - per_mb;
         } else if (v->phase == AUTOPAR_PHASE_FORWARD) {
             f->fwd += pn->compute + own;
             f->fwd_compute += pn->compute;
