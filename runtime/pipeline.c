@@ -108,15 +108,14 @@ static bool same_box(const int64_t *o, const int64_t *e, int a, int b, int w) {
 }
 
 /* Devices of mesh m that hold device j's tile (not zeros of a pending sum), in device order,
- * into members[]; returns how many, and j's place among them in *place. */
+ * into members[]; returns how many, and j's place among them in *place (may be NULL). */
 static int replicas(const ap_mesh *m, const ap_spec *s, const int64_t *o, const int64_t *e,
                     int w, int j, int *members, int *place) {
     int h = 0;
-    *place = 0;
     for (int r = 0; r < m->n_devices; r++) {
         if (!same_box(o, e, r, j, w) || holds_zeros(m, s, r / m->shape[1], r % m->shape[1]))
             continue;
-        if (r == j) *place = h;
+        if (r == j && place) *place = h;
         members[h++] = r;
     }
     return h;
@@ -200,8 +199,7 @@ static ap_status route(ap_pipeline *pp, px_xfer *x, int my_rank) {
                 m.count *= (size_t)m.ext[d];
             }
             if (m.count == 0) continue;
-            int place_a = 0, holders = replicas(ma, sa, oa, ea, w, i, members + mb->n_devices,
-                                                &place_a);
+            int holders = replicas(ma, sa, oa, ea, w, i, members + mb->n_devices, NULL);
             if (members[mb->n_devices + j % holders] != i) continue;
             int src_rank = p->stages[x->from].devices[i];
             if (src_rank == my_rank) {
@@ -480,6 +478,18 @@ static ap_status group_add(px_group *gr, ap_comm_p2p_kind kind, int peer, size_t
     return AUTOPAR_OK;
 }
 
+/* Fills message buffer buf: the header with this rank's status st (and message), then, when
+ * st is OK, box m of x packed from the local shard. */
+static void pack_message(char *buf, ap_status st, const px_xfer *x, const px_msg *m,
+                         char *shard) {
+    px_header h;
+    memset(&h, 0, sizeof h);
+    h.status = (int32_t)st;
+    if (st) snprintf(h.msg, sizeof h.msg, "%s", autopar_last_error());
+    else box_copy(&x->local, m, x->esz, shard, buf + PX_HEADER, true);
+    memcpy(buf, &h, sizeof h);
+}
+
 static bool takes(const px_xfer *x, px_kind kind, int stage, bool send) {
     return x->kind == kind && (send ? x->from : x->to) == stage;
 }
@@ -505,12 +515,7 @@ static ap_status add_sends(ap_pipeline *pp, px_group *gr, px_kind kind, ap_statu
                 free(shard);
                 return a;
             }
-            px_header h;
-            memset(&h, 0, sizeof h);
-            h.status = (int32_t)*st;
-            if (*st) snprintf(h.msg, sizeof h.msg, "%s", autopar_last_error());
-            else box_copy(&x->local, &x->send[k], x->esz, shard, buf + PX_HEADER, true);
-            memcpy(buf, &h, sizeof h);
+            pack_message(buf, *st, x, &x->send[k], shard);
         }
         free(shard);
     }
@@ -558,12 +563,7 @@ static ap_status gather_parts(ap_pipeline *pp, const bool kinds[3], char **shard
             a = group_add(&gr, AP_COMM_P2P_SEND, x->gather_send[k].peer,
                           x->gather_send[k].count * x->esz, x, k, &buf);
             if (a) break;
-            px_header h;
-            memset(&h, 0, sizeof h);
-            h.status = (int32_t)*st;
-            if (*st) snprintf(h.msg, sizeof h.msg, "%s", autopar_last_error());
-            else box_copy(&x->local, &x->gather_send[k], x->esz, shards[t], buf + PX_HEADER, true);
-            memcpy(buf, &h, sizeof h);
+            pack_message(buf, *st, x, &x->gather_send[k], shards[t]);
         }
         for (int k = 0; k < x->n_gather_recv && !a; k++) {
             char *buf = NULL;
