@@ -21,6 +21,7 @@
  * Exit 0 on success, 1 on failure.
  */
 #include "autopar.h"
+#include "check.h"
 #include "backend.h"
 #include "cpu/kernels_cpu.h"
 #include "graph_runner.h"
@@ -31,30 +32,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int g_failures = 0;
-
-#define CHECK(cond, ...)                                                                   \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fprintf(stderr, "\n");                                                         \
-            g_failures++;                                                                  \
-        }                                                                                  \
-    } while (0)
-
-/* Checks a library call; on failure prints the message and jumps to `cleanup`. */
-#define TRY(call)                                                                          \
-    do {                                                                                   \
-        autopar_status s_ = (call);                                                        \
-        if (s_ != AUTOPAR_OK) {                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,       \
-                    autopar_status_str(s_), autopar_last_error());                         \
-            g_failures++;                                                                  \
-            goto cleanup;                                                                  \
-        }                                                                                  \
-    } while (0)
 
 /* Expects status `want` and a last-error message containing `needle`. */
 #define EXPECT_ERR(call, want, needle)                                                     \

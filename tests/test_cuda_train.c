@@ -32,6 +32,7 @@
  * about 100x inside the tolerances above (2.8e-6 for parameters with eps = 1e-8).
  */
 #include "autopar.h"
+#include "check.h"
 #include "backend.h"
 #include "graph_runner.h"
 #include "models.h"
@@ -41,29 +42,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int g_failures = 0;
-
-#define CHECK(cond, ...)                                                                   \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fprintf(stderr, "\n");                                                         \
-            g_failures++;                                                                  \
-        }                                                                                  \
-    } while (0)
-
-#define TRY(call)                                                                          \
-    do {                                                                                   \
-        autopar_status s_ = (call);                                                        \
-        if (s_ != AUTOPAR_OK) {                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,       \
-                    autopar_status_str(s_), autopar_last_error());                         \
-            g_failures++;                                                                  \
-            goto cleanup;                                                                  \
-        }                                                                                  \
-    } while (0)
 
 #define STEPS      3
 #define LR         1e-3f
@@ -112,7 +90,6 @@ cleanup:
 /* ------------------------------------------------------------------------------------------ */
 /* Training comparison                                                                         */
 /* ------------------------------------------------------------------------------------------ */
-
 
 /* Compares tensor t: |gpu - cpu| <= rtol * |cpu| + atol + floor * max|cpu|. Prints the worst
  * element; returns false on a violation. *worst_rel gets max |gpu - cpu| / (|cpu| + atol). */

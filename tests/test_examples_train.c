@@ -18,6 +18,9 @@
 #define _POSIX_C_SOURCE 200809L  /* clock_gettime */
 
 #include "autopar.h"
+/* TRY (check.h) also marks the calling function's result failed. */
+#define TRY_ON_FAIL rc = 1
+#include "check.h"
 #include "models.h"
 
 #include <math.h>
@@ -29,32 +32,6 @@
 #ifndef AUTOPAR_SOURCE_DIR
 #define AUTOPAR_SOURCE_DIR "."
 #endif
-
-static int g_failures = 0;
-
-#define CHECK(cond, ...)                                                                   \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fprintf(stderr, "\n");                                                         \
-            g_failures++;                                                                  \
-        }                                                                                  \
-    } while (0)
-
-/* Checks a library call; on failure prints the library's message and returns from the
- * calling function (which must return int). */
-#define TRY(call)                                                                          \
-    do {                                                                                   \
-        autopar_status s_ = (call);                                                        \
-        if (s_ != AUTOPAR_OK) {                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,       \
-                    autopar_status_str(s_), autopar_last_error());                         \
-            g_failures++;                                                                  \
-            rc = 1;                                                                        \
-            goto cleanup;                                                                  \
-        }                                                                                  \
-    } while (0)
 
 static double now_s(void) {
     struct timespec ts;

@@ -6,6 +6,7 @@
  */
 #define _POSIX_C_SOURCE 200809L  /* clock_gettime */
 #include "layer_cluster.h"
+#include "check.h"
 #include "models.h"
 
 #include <math.h>
@@ -14,18 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static int failures;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            failures++;                                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                       \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-        }                                                                                          \
-    } while (0)
 
 static double now_s(void) {
     struct timespec ts;
@@ -607,8 +596,8 @@ int main(void) {
     test_manual();
     test_errors();
     test_timing();
-    if (failures) {
-        fprintf(stderr, "test_layer_cluster: %d failure(s)\n", failures);
+    if (g_failures) {
+        fprintf(stderr, "test_layer_cluster: %d failure(s)\n", g_failures);
         return 1;
     }
     printf("test_layer_cluster: ok\n");

@@ -14,6 +14,7 @@
  * Small models and meshes keep the whole test to a few seconds.
  */
 #include "autopar.h"
+#include "check.h"
 #include "internal.h"
 #include "models.h"
 #include "plan.h"
@@ -23,18 +24,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            failures++;                                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                       \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-        }                                                                                          \
-    } while (0)
 
 /* 2 hosts x 4 devices: 100 GB/s inside a host, 1 GB/s between hosts. */
 static autopar_cluster *cluster_2x4(double memory) {
@@ -667,8 +656,8 @@ int main(void) {
     test_json();
     test_errors();
     test_reuse();
-    if (failures) {
-        fprintf(stderr, "test_parallelize: %d failure(s)\n", failures);
+    if (g_failures) {
+        fprintf(stderr, "test_parallelize: %d failure(s)\n", g_failures);
         return 1;
     }
     printf("test_parallelize: ok\n");

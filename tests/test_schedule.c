@@ -25,24 +25,13 @@
  * ==.
  */
 #include "schedule.h"
+#include "check.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            failures++;                                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                       \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-        }                                                                                          \
-    } while (0)
 
 static uint64_t rng_state = 0x243f6a8885a308d3ull;
 static uint64_t rng_next(void) {
@@ -759,8 +748,8 @@ int main(void) {
                ap_schedule_kind_name(kinds[q]), model_ratio[q].n, model_ratio[q].min,
                model_ratio[q].max, grouped_ratio[q].n, grouped_ratio[q].min,
                grouped_ratio[q].max);
-    if (failures) {
-        fprintf(stderr, "test_schedule: %d failure(s)\n", failures);
+    if (g_failures) {
+        fprintf(stderr, "test_schedule: %d failure(s)\n", g_failures);
         return 1;
     }
     printf("test_schedule: ok\n");

@@ -4,6 +4,7 @@
  */
 #define _POSIX_C_SOURCE 200809L  /* clock_gettime */
 #include "stage_dp.h"
+#include "check.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -11,18 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static int failures;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            failures++;                                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                       \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-        }                                                                                          \
-    } while (0)
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static uint64_t rng_next(void) {
@@ -507,8 +496,8 @@ int main(void) {
     test_gap();
     test_medium();
     test_timing();
-    if (failures) {
-        fprintf(stderr, "test_stage_dp: %d failure(s)\n", failures);
+    if (g_failures) {
+        fprintf(stderr, "test_stage_dp: %d failure(s)\n", g_failures);
         return 1;
     }
     printf("test_stage_dp: ok\n");
