@@ -745,8 +745,10 @@ static ap_status finish_step_on(ap_spmd *s, ap_status st, ap_comm *agree, double
             lv = f;
         }
     }
+    /* With every update in place (the usual case) one agreement ends the step; updates left
+     * in the arena are copied over their leaves only once every rank succeeded. */
+    if (!st && s->n_commit == 0) st = ap_backend_synchronize(s->b);
     if ((st = ap_comm_all_ok(agree, st))) return st;
-    /* Every rank succeeded: the updates replace their parameters and states. */
     for (int k = 0; k < s->n_commit && !st; k++) {
         int src = s->commit[2 * k], dst = s->commit[2 * k + 1];
         size_t off;
@@ -756,8 +758,10 @@ static ap_status finish_step_on(ap_spmd *s, ap_status st, ap_comm *agree, double
             st = ap_backend_copy(s->b, &s->pbuf[dst], 0, b, off, bytes,
                                  s->g->nodes[s->prog.val[dst].node]->name);
     }
-    if (!st) st = ap_backend_synchronize(s->b);
-    if ((st = ap_comm_all_ok(agree, st))) return st;
+    if (s->n_commit > 0) {
+        if (!st) st = ap_backend_synchronize(s->b);
+        if ((st = ap_comm_all_ok(agree, st))) return st;
+    }
     s->steps++;
     if (loss) *loss = lv;
     return AUTOPAR_OK;
@@ -785,11 +789,11 @@ static ap_status run_apply(ap_spmd *s, int64_t step_no, ap_comm *agree, ap_statu
 
 ap_status ap_spmd_step(ap_spmd *s, double *loss) {
     if (!s) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_spmd_step: session is NULL");
-    ap_status st = check_trainable(s, "ap_spmd_step");
-    if ((st = ap_comm_all_ok(s->world, st))) return st;
+    ap_status st = check_trainable(s, "ap_spmd_step");   /* the same on every rank */
     double t_begin = sp_now();
     int64_t step_no = s->steps + 1;
-    st = run_range(s, &s->prog, &s->arena, s->pers, step_no, 0, s->apply_from, NULL, AUTOPAR_OK);
+    if (!st) st = run_range(s, &s->prog, &s->arena, s->pers, step_no, 0, s->apply_from, NULL,
+                            AUTOPAR_OK);
     st = run_apply(s, step_no, s->world, st);
     st = finish_step(s, st, loss);
     if (!st) {  /* step timers (spmd.h: ap_spmd_stats.step_seconds) */
@@ -806,12 +810,7 @@ static ap_status setup_accum(ap_spmd *s) {
     const char *fn = "ap_spmd_step_accum";
     const sp_prog *p = &s->prog;
     const autopar_graph *g = s->g;
-    int split = p->n_ins;
-    for (int i = 0; i < p->n_ins; i++)
-        if (g->nodes[p->ins[i].node]->phase == AUTOPAR_PHASE_APPLY) {
-            split = i;
-            break;
-        }
+    int split = s->apply_from;
     for (int i = split; i < p->n_ins; i++) {
         const sp_ins *in = &p->ins[i];
         if (g->nodes[in->node]->phase != AUTOPAR_PHASE_APPLY && in->operand != -2)
