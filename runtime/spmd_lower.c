@@ -855,35 +855,14 @@ static bool is_leaf(ap_op op) {
     return op == AP_OP_INPUT || op == AP_OP_PARAM || op == AP_OP_OPT_STATE;
 }
 
-/* A SCALE kernel: out value (new, shape s) = src * f. */
-static ap_status emit_scale(sp_lower_ctx *c, int src, const ap_shape *s, double f, int node,
-                            int operand, int *out) {
-    int v = sp_value_new(c->prog, numel_bytes(c, s, AUTOPAR_F32), node, false);
-    if (v < 0) return AUTOPAR_ERR_NOMEM;
-    sp_ins *in = ins_new(c->prog, SP_KERNEL, node, operand);
-    if (!in) return AUTOPAR_ERR_NOMEM;
-    in->call.op = AP_OP_SCALE;
-    in->call.attrs.f[0] = f;
-    in->call.precision = c->precision;
-    in->call.out_shape = *s;
-    in->call.out_dtype = AUTOPAR_F32;
-    in->call.n_src = 1;
-    in->call.src_shape[0] = *s;
-    in->call.src_dtype[0] = AUTOPAR_F32;
-    in->call.name = c->g->nodes[node]->name;
-    in->out = v;
-    in->src[0] = src;
-    *out = v;
-    return AUTOPAR_OK;
-}
-
-/* One F32 kernel of the vocabulary-parallel cross-entropy on local shapes: a new value. */
-static ap_status emit_ce_kernel(sp_lower_ctx *c, ap_op op, int node, const ap_attrs *attrs,
-                                const ap_shape *out_shape, int n_src, const int *src,
-                                const ap_shape *src_shape, const ap_dtype *src_dtype, int *out) {
+/* One kernel with an F32 output on local shapes, into a new value. operand: as sp_ins. */
+static ap_status emit_kernel(sp_lower_ctx *c, ap_op op, const ap_attrs *attrs,
+                             const ap_shape *out_shape, int n_src, const int *src,
+                             const ap_shape *src_shape, const ap_dtype *src_dtype, int node,
+                             int operand, int *out) {
     int v = sp_value_new(c->prog, numel_bytes(c, out_shape, AUTOPAR_F32), node, false);
     if (v < 0) return AUTOPAR_ERR_NOMEM;
-    sp_ins *in = ins_new(c->prog, SP_KERNEL, node, -1);
+    sp_ins *in = ins_new(c->prog, SP_KERNEL, node, operand);
     if (!in) return AUTOPAR_ERR_NOMEM;
     in->call.op = op;
     in->call.attrs = *attrs;
@@ -899,6 +878,64 @@ static ap_status emit_ce_kernel(sp_lower_ctx *c, ap_op op, int node, const ap_at
     in->call.name = c->g->nodes[node]->name;
     in->out = v;
     *out = v;
+    return AUTOPAR_OK;
+}
+
+/* A SCALE kernel: out value (new, shape s) = src * f. */
+static ap_status emit_scale(sp_lower_ctx *c, int src, const ap_shape *s, double f, int node,
+                            int operand, int *out) {
+    ap_attrs a;
+    memset(&a, 0, sizeof a);
+    a.f[0] = f;
+    const ap_dtype dt = AUTOPAR_F32;
+    return emit_kernel(c, AP_OP_SCALE, &a, s, 1, &src, s, &dt, node, operand, out);
+}
+
+/* Where this device's tile of a tensor of shape `full` under spec starts along dim d. */
+static ap_status tile_start(const sp_lower_ctx *c, const ap_spec *spec, const ap_shape *full,
+                            int d, int64_t *start) {
+    int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
+    ap_status st = ap_spec_tile(c->mesh, spec, full, c->coord[0], c->coord[1], off, ext);
+    if (!st) *start = off[d];
+    return st;
+}
+
+/* Operand k of node id brought into `layout` (along the plan's route when the plan reads it in
+ * that layout): *out gets the value. */
+static ap_status read_operand(sp_lower_ctx *c, int id, int k, const ap_spec *layout, int *out) {
+    const ap_node *v = c->g->nodes[id], *u = ap_src(c->g, v, k);
+    const ap_shard_node *pn = &c->plan->node[id];
+    ap_collective steps[AP_RESHARD_MAX_STEPS];
+    int ns = 0;
+    if (k < pn->n_src) {
+        ap_spec want = pn->in[k];
+        want.partial = 0;
+        if (ap_spec_equal(&want, layout)) ns = plan_steps(c->plan, id, k, steps);
+    }
+    return sp_emit_reshard(c, c->node_val[u->id], false, &c->spec[u->id], layout, &u->shape,
+                           u->dtype, ns ? steps : NULL, ns, id, k, out);
+}
+
+/* Node id's local result res (laid out as C) brought into the plan's layout by the node's own
+ * collectives (an update also into its leaf's), as the node's value. */
+static ap_status emit_result(sp_lower_ctx *c, int id, int res, const ap_spec *C) {
+    const ap_node *v = c->g->nodes[id];
+    ap_collective steps[AP_RESHARD_MAX_STEPS];
+    int ns = plan_steps(c->plan, id, -1, steps);
+    int fin;
+    ap_status st = sp_emit_reshard(c, res, true, C, &c->spec[id], &v->shape, v->dtype,
+                                   ns ? steps : NULL, ns, id, -1, &fin);
+    if (st) return st;
+    /* An update must land in its leaf's layout (the plan guarantees it; be safe). */
+    if (v->assign_to >= 0 && !ap_spec_equal(&c->spec[id], &c->spec[v->assign_to])) {
+        int f2;
+        if ((st = sp_emit_reshard(c, fin, true, &c->spec[id], &c->spec[v->assign_to], &v->shape,
+                                  v->dtype, NULL, 0, id, -1, &f2)))
+            return st;
+        fin = f2;
+    }
+    c->node_val[id] = fin;
+    if (v->assign_to >= 0) c->prog->val[fin].to_end = true;
     return AUTOPAR_OK;
 }
 
@@ -941,35 +978,27 @@ static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
     want[kl] = P;
     want[kt] = T;
     if (back) want[0] = ap_spec_replicated(0);
-    for (int k = 0; k < v->n_src; k++) {
-        const ap_node *u = ap_src(g, v, k);
-        ap_collective steps[AP_RESHARD_MAX_STEPS];
-        ap_spec pl = pn->in[k];
-        pl.partial = 0;
-        int ns = ap_spec_equal(&pl, &want[k]) ? plan_steps(c->plan, id, k, steps) : 0;
-        if ((st = sp_emit_reshard(c, c->node_val[u->id], false, &c->spec[u->id], &want[k],
-                                  &u->shape, u->dtype, ns ? steps : NULL, ns, id, k, &sv[k])))
-            return st;
-    }
+    for (int k = 0; k < v->n_src; k++)
+        if ((st = read_operand(c, id, k, &want[k], &sv[k]))) return st;
     ap_shape Ll, Tl;
     if ((st = local_shape(c, &P, &lg->shape, lg->name, &Ll)) ||
         (st = local_shape(c, &T, &lb->shape, lb->name, &Tl)))
         return st;
-    int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
-    if ((st = ap_spec_tile(m, &P, &lg->shape, c->coord[0], c->coord[1], off, ext))) return st;
+    int64_t v0;   /* this device's first column */
+    if ((st = tile_start(c, &P, &lg->shape, last, &v0))) return st;
 
     /* statistics of this device's columns, all-gathered over the vocabulary axes */
     ap_attrs a;
     memset(&a, 0, sizeof a);
-    a.i[0] = off[last];
+    a.i[0] = v0;
     a.i[1] = lg->shape.dim[last];
     ap_shape parts_shape = Tl;
     parts_shape.dim[parts_shape.ndim++] = 3;
     int parts, srcs[4] = {sv[kl], sv[kt], -1, -1};
     ap_shape sh[4] = {Ll, Tl};
     ap_dtype dts[4] = {AUTOPAR_F32, AUTOPAR_I32, AUTOPAR_F32, AUTOPAR_F32};
-    if ((st = emit_ce_kernel(c, AP_OP_CE_PARTIAL, id, &a, &parts_shape, 2, srcs, sh, dts,
-                             &parts)))
+    if ((st = emit_kernel(c, AP_OP_CE_PARTIAL, &a, &parts_shape, 2, srcs, sh, dts, id, -1,
+                          &parts)))
         return st;
     ap_shape all_shape;
     memset(&all_shape, 0, sizeof all_shape);
@@ -993,8 +1022,8 @@ static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
     if (back) comb_shape.dim[comb_shape.ndim++] = 2;
     else comb_shape.ndim = 0;
     int comb;
-    if ((st = emit_ce_kernel(c, AP_OP_CE_COMBINE, id, &a, &comb_shape, 1, &all, &all_shape, dts,
-                             &comb)))
+    if ((st = emit_kernel(c, AP_OP_CE_COMBINE, &a, &comb_shape, 1, &all, &all_shape, dts, id,
+                          -1, &comb)))
         return st;
 
     int res;
@@ -1009,22 +1038,15 @@ static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
         int dl;
         if ((st = emit_scale(c, sv[0], &scalar, row_share, id, 0, &dl))) return st;
         memset(&a, 0, sizeof a);
-        a.i[0] = off[last];
+        a.i[0] = v0;
         int bs[4] = {dl, sv[kl], sv[kt], comb};
         ap_shape bsh[4] = {scalar, Ll, Tl, comb_shape};
         ap_dtype bdt[4] = {AUTOPAR_F32, AUTOPAR_F32, AUTOPAR_I32, AUTOPAR_F32};
-        if ((st = emit_ce_kernel(c, AP_OP_CE_BACK_PARTIAL, id, &a, &Ll, 4, bs, bsh, bdt, &res)))
+        if ((st = emit_kernel(c, AP_OP_CE_BACK_PARTIAL, &a, &Ll, 4, bs, bsh, bdt, id, -1, &res)))
             return st;
         C = P;
     }
-    ap_collective steps[AP_RESHARD_MAX_STEPS];
-    int ns = plan_steps(c->plan, id, -1, steps);
-    int fin;
-    if ((st = sp_emit_reshard(c, res, true, &C, &c->spec[id], &v->shape, v->dtype,
-                              ns ? steps : NULL, ns, id, -1, &fin)))
-        return st;
-    c->node_val[id] = fin;
-    return AUTOPAR_OK;
+    return emit_result(c, id, res, &C);
 }
 
 static ap_status lower_node(sp_lower_ctx *c, int id) {
@@ -1034,7 +1056,7 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     const ap_shard_node *pn = &c->plan->node[id];
     char b1[AP_SPEC_STR_MAX], b2[AP_SPEC_STR_MAX];
     ap_status st;
-    if (c->plan && (v->op == AP_OP_CROSS_ENTROPY || v->op == AP_OP_CROSS_ENTROPY_BACK)) {
+    if (v->op == AP_OP_CROSS_ENTROPY || v->op == AP_OP_CROSS_ENTROPY_BACK) {
         bool done = false;
         if ((st = lower_ce_parallel(c, id, &done)) || done) return st;
     }
@@ -1074,14 +1096,7 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     int sv[AP_MAX_SRC];
     for (int k = 0; k < v->n_src; k++) {
         const ap_node *u = ap_src(g, v, k);
-        ap_collective steps[AP_RESHARD_MAX_STEPS];
-        int ns = 0;
-        ap_spec want = pn->in[k];
-        want.partial = 0;
-        if (k < pn->n_src && ap_spec_equal(&want, &r.E[k])) ns = plan_steps(c->plan, id, k, steps);
-        if ((st = sp_emit_reshard(c, c->node_val[u->id], false, &c->spec[u->id], &r.E[k],
-                                  &u->shape, u->dtype, ns ? steps : NULL, ns, id, k, &sv[k])))
-            return st;
+        if ((st = read_operand(c, id, k, &r.E[k], &sv[k]))) return st;
         if (k == r.pre_k && r.pre != 1.0) {
             ap_shape ls;
             if ((st = local_shape(c, &r.E[k], &u->shape, u->name, &ls))) return st;
@@ -1108,18 +1123,12 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     if (v->op == AP_OP_RESHAPE)   /* kernels size from shapes; keep the attrs consistent */
         for (int d = 0; d < out_local.ndim; d++) in->call.attrs.i[1 + d] = out_local.dim[d];
     if (v->op == AP_OP_SOFTMAX && v->attrs.i[0] != 0 && r.C.ndim >= 2 &&
-        r.C.dim[r.C.ndim - 2] != AP_DIM_R) {   /* the device's first query row */
-        int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
-        if ((st = ap_spec_tile(m, &r.C, &v->shape, c->coord[0], c->coord[1], off, ext)))
-            return st;
-        in->call.attrs.i[1] = off[r.C.ndim - 2];
-    }
+        r.C.dim[r.C.ndim - 2] != AP_DIM_R &&   /* the device's first query row */
+        (st = tile_start(c, &r.C, &v->shape, r.C.ndim - 2, &in->call.attrs.i[1])))
+        return st;
     if (v->op == AP_OP_EMBEDDING && r.E[0].dim[0] != AP_DIM_R) {   /* this device's rows */
-        int64_t off[AP_MAX_DIMS], ext[AP_MAX_DIMS];
         const ap_node *table = ap_src(g, v, 0);
-        if ((st = ap_spec_tile(m, &r.E[0], &table->shape, c->coord[0], c->coord[1], off, ext)))
-            return st;
-        in->call.attrs.i[0] = off[0];
+        if ((st = tile_start(c, &r.E[0], &table->shape, 0, &in->call.attrs.i[0]))) return st;
         in->call.attrs.i[1] = table->shape.dim[0];
     }
     in->out = res;
@@ -1127,23 +1136,7 @@ static ap_status lower_node(sp_lower_ctx *c, int id) {
     if (r.post != 1.0 && (st = emit_scale(c, res, &out_local, r.post, id, -1, &res))) return st;
 
     /* Own collectives: the local result into the plan's layout. */
-    ap_collective steps[AP_RESHARD_MAX_STEPS];
-    int ns = plan_steps(c->plan, id, -1, steps);
-    int fin;
-    if ((st = sp_emit_reshard(c, res, true, &r.C, &c->spec[id], &v->shape, v->dtype,
-                              ns ? steps : NULL, ns, id, -1, &fin)))
-        return st;
-    /* An update must land in its leaf's layout (the plan guarantees it; be safe). */
-    if (v->assign_to >= 0 && !ap_spec_equal(&c->spec[id], &c->spec[v->assign_to])) {
-        int f2;
-        if ((st = sp_emit_reshard(c, fin, true, &c->spec[id], &c->spec[v->assign_to], &v->shape,
-                                  v->dtype, NULL, 0, id, -1, &f2)))
-            return st;
-        fin = f2;
-    }
-    c->node_val[id] = fin;
-    if (v->assign_to >= 0) c->prog->val[fin].to_end = true;
-    return AUTOPAR_OK;
+    return emit_result(c, id, res, &r.C);
 }
 
 ap_status sp_lower_step(sp_lower_ctx *c, int *loss_val) {
