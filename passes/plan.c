@@ -667,7 +667,7 @@ static ap_status read_stage(const cJSON *o, const char *raw, autopar_plan *p, in
 static ap_status plan_from_text(const char *json, const char *label, autopar_plan **out) {
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
-    if (!root) return ap_json_parse_error(label, json, end ? end : cJSON_GetErrorPtr());
+    if (!root) return ap_json_parse_error(label, json, end);
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
         return ap_error(AUTOPAR_ERR_PARSE, "%s: not a JSON object", label);

@@ -580,7 +580,7 @@ AP_INTERNAL ap_status ap_shard_plan_from_json(const char *json, const autopar_gr
     if (!json) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_shard_plan_from_json: json is NULL");
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
-    if (!root) return ap_json_parse_error("shard plan JSON", json, end ? end : cJSON_GetErrorPtr());
+    if (!root) return ap_json_parse_error("shard plan JSON", json, end);
     ap_shard_plan *p = NULL;
     ap_status st = AUTOPAR_OK;
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(root, "format");

@@ -199,8 +199,8 @@ AP_INTERNAL ap_status ap_read_text_file(const char *what, const char *path, size
                                         char **out, size_t *out_len);
 
 /* The AUTOPAR_ERR_PARSE error for JSON text that cJSON could not parse, where it stopped (`at`:
- * cJSON_ParseWithOpts's end or cJSON_GetErrorPtr; NULL: the end): "<label>: malformed JSON at
- * offset O (line L, column C) near "..."", or "unexpected end of input". */
+ * the end cJSON_ParseWithOpts reports on failure; NULL: the end of the text): "<label>:
+ * malformed JSON at offset O (line L, column C) near "..."", or "unexpected end of input". */
 AP_INTERNAL ap_status ap_json_parse_error(const char *label, const char *text, const char *at);
 
 /* ------------------------------------------------------------------------------------------ */

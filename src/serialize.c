@@ -740,7 +740,7 @@ static ap_status graph_from_text(const char *json, const char *label, autopar_gr
     *out = NULL;
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json, &end, 1);
-    if (!root) return ap_json_parse_error(label, json, end ? end : cJSON_GetErrorPtr());
+    if (!root) return ap_json_parse_error(label, json, end);
 
     rd_ctx c = {label, -1, NULL};
     autopar_graph *g = NULL;
