@@ -148,17 +148,7 @@ void ap_graph_runner_free(ap_graph_runner *r) {
 static ap_status check_tensor(const ap_graph_runner *r, const autopar_tensor *t, int64_t n,
                               const char *fn) {
     if (!r || !t) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: runner or tensor is NULL", fn);
-    const ap_node *node = (const ap_node *)t;
-    if (node->id < 0 || node->id >= r->g->n_nodes || r->g->nodes[node->id] != node)
-        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the runner's graph",
-                        fn);
-    if (n != ap_shape_numel(&node->shape)) {
-        char sh[96];
-        return ap_error(AUTOPAR_ERR_SHAPE, "%s: tensor '%s' %s has %lld elements, got %lld", fn,
-                        node->name, ap_shape_str(&node->shape, sh, sizeof sh),
-                        (long long)ap_shape_numel(&node->shape), (long long)n);
-    }
-    return AUTOPAR_OK;
+    return ap_graph_check_tensor(r->g, t, n, fn, "runner's");
 }
 
 ap_status ap_graph_runner_write(ap_graph_runner *r, const autopar_tensor *t, const void *data,

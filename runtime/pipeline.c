@@ -749,10 +749,10 @@ static int owner_of(const ap_pipeline *pp, int node) {
 
 static ap_status leaf_owner(const ap_pipeline *pp, const autopar_tensor *t, const char *fn,
                             int *owner) {
+    if (!t) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the plan's graph", fn);
+    ap_status st = ap_graph_check_tensor(pp->plan->graph, t, -1, fn, "plan's");
+    if (st) return st;
     const ap_node *n = (const ap_node *)t;
-    const autopar_graph *g = pp->plan->graph;
-    if (!t || n->id < 0 || n->id >= g->n_nodes || g->nodes[n->id] != n)
-        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the plan's graph", fn);
     *owner = owner_of(pp, n->id);
     if (*owner < 0)
         return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: no stage computes '%s'", fn, n->name);

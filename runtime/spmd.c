@@ -665,18 +665,9 @@ void ap_spmd_free(ap_spmd *s) {
 static ap_status check_tensor(const ap_spmd *s, const autopar_tensor *t, int64_t n,
                               const char *fn, const ap_node **out) {
     if (!t) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is NULL", fn);
-    const ap_node *node = (const ap_node *)t;
-    if (node->id < 0 || node->id >= s->g->n_nodes || s->g->nodes[node->id] != node)
-        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the session's graph",
-                        fn);
-    if (n != ap_shape_numel(&node->shape)) {
-        char sh[96];
-        return ap_error(AUTOPAR_ERR_SHAPE, "%s: tensor '%s' %s has %lld elements, got %lld", fn,
-                        node->name, ap_shape_str(&node->shape, sh, sizeof sh),
-                        (long long)ap_shape_numel(&node->shape), (long long)n);
-    }
-    *out = node;
-    return AUTOPAR_OK;
+    ap_status st = ap_graph_check_tensor(s->g, t, n, fn, "session's");
+    if (!st) *out = (const ap_node *)t;
+    return st;
 }
 
 /* Writes the global value of a tensor kept between steps (inputs; with any_leaf also

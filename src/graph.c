@@ -638,3 +638,18 @@ void ap_kernel_call_from_node(const autopar_graph *g, const ap_node *n, autopar_
     }
     call->name = n->name;
 }
+
+ap_status ap_graph_check_tensor(const autopar_graph *g, const autopar_tensor *t, int64_t n,
+                                const char *fn, const char *whose) {
+    const ap_node *node = (const ap_node *)t;
+    if (node->id < 0 || node->id >= g->n_nodes || g->nodes[node->id] != node)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the %s graph", fn,
+                        whose);
+    if (n >= 0 && n != ap_shape_numel(&node->shape)) {
+        char sh[96];
+        return ap_error(AUTOPAR_ERR_SHAPE, "%s: tensor '%s' %s has %lld elements, got %lld", fn,
+                        node->name, ap_shape_str(&node->shape, sh, sizeof sh),
+                        (long long)ap_shape_numel(&node->shape), (long long)n);
+    }
+    return AUTOPAR_OK;
+}

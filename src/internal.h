@@ -189,6 +189,11 @@ AP_INTERNAL ap_status ap_error(ap_status s, const char *fmt, ...) AP_PRINTF(2, 3
 /* Records the first error on the graph (sticky) and as the last error; returns s. */
 AP_INTERNAL ap_status ap_graph_fail(autopar_graph *g, ap_status s, const char *fmt, ...)
     AP_PRINTF(3, 4);
+/* Checks that t is a tensor of g (AUTOPAR_ERR_INVALID_ARG "<fn>: tensor is not part of the
+ * <whose> graph" otherwise) holding n elements (n < 0: any count; else AUTOPAR_ERR_SHAPE
+ * naming the tensor, its shape and both counts). t must not be NULL. */
+AP_INTERNAL ap_status ap_graph_check_tensor(const autopar_graph *g, const autopar_tensor *t,
+                                            int64_t n, const char *fn, const char *whose);
 /* Formats a shape as "[2, 3, 4]" into buf (returns buf). */
 AP_INTERNAL const char *ap_shape_str(const ap_shape *s, char *buf, size_t len);
 

@@ -71,16 +71,7 @@ void autopar_executor_free(autopar_executor *ex) {
 static ap_status check_tensor(const autopar_executor *ex, const autopar_tensor *t, int64_t n,
                               const char *fn) {
     if (!ex || !t) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: executor or tensor is NULL", fn);
-    const ap_node *node = (const ap_node *)t;
-    if (node->id < 0 || node->id >= ex->g->n_nodes || ex->g->nodes[node->id] != node)
-        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the executor's graph", fn);
-    if (n != ap_shape_numel(&node->shape)) {
-        char sh[96];
-        return ap_error(AUTOPAR_ERR_SHAPE, "%s: tensor '%s' %s has %lld elements, got %lld", fn,
-                        node->name, ap_shape_str(&node->shape, sh, sizeof sh),
-                        (long long)ap_shape_numel(&node->shape), (long long)n);
-    }
-    return AUTOPAR_OK;
+    return ap_graph_check_tensor(ex->g, t, n, fn, "executor's");
 }
 
 static ap_status check_writable(const ap_node *n, const char *fn) {
