@@ -660,30 +660,29 @@ ap_status ap_comm_synchronize(ap_comm *comm) {
     return comm->iface->synchronize ? comm->iface->synchronize(comm) : AUTOPAR_OK;
 }
 
-ap_status ap_comm_send(ap_comm *comm, const void *buf, size_t count, ap_comm_dtype t, int peer) {
-    const char *what = "ap_comm_send";
+/* The checks of a blocking send or receive (role "send" / "receive"): a blocking exchange with
+ * itself would deadlock. */
+static ap_status check_blocking_p2p(const ap_comm *comm, const char *what, const char *role,
+                                    const void *buf, size_t count, ap_comm_dtype t, int peer) {
     CHECK(check_comm(comm, what));
-    CHECK(check_buf(comm, what, "send", buf, count, t));
+    CHECK(check_buf(comm, what, role, buf, count, t));
     CHECK(check_peer(comm, what, "peer", peer, false));
     if (peer == comm->rank)
         return ap_error(AUTOPAR_ERR_INVALID_ARG,
-                        "%s (rank %d): a blocking send to itself would deadlock; use "
+                        "%s (rank %d): a blocking %s %s itself would deadlock; use "
                         "ap_comm_send_recv or ap_comm_exchange",
-                        what, comm->rank);
+                        what, comm->rank, role, role[0] == 's' ? "to" : "from");
+    return AUTOPAR_OK;
+}
+
+ap_status ap_comm_send(ap_comm *comm, const void *buf, size_t count, ap_comm_dtype t, int peer) {
+    CHECK(check_blocking_p2p(comm, "ap_comm_send", "send", buf, count, t, peer));
     if (count == 0) return AUTOPAR_OK;
     return comm->iface->send(comm, buf, count, t, peer);
 }
 
 ap_status ap_comm_recv(ap_comm *comm, void *buf, size_t count, ap_comm_dtype t, int peer) {
-    const char *what = "ap_comm_recv";
-    CHECK(check_comm(comm, what));
-    CHECK(check_buf(comm, what, "receive", buf, count, t));
-    CHECK(check_peer(comm, what, "peer", peer, false));
-    if (peer == comm->rank)
-        return ap_error(AUTOPAR_ERR_INVALID_ARG,
-                        "%s (rank %d): a blocking receive from itself would deadlock; use "
-                        "ap_comm_send_recv or ap_comm_exchange",
-                        what, comm->rank);
+    CHECK(check_blocking_p2p(comm, "ap_comm_recv", "receive", buf, count, t, peer));
     if (count == 0) return AUTOPAR_OK;
     return comm->iface->recv(comm, buf, count, t, peer);
 }
