@@ -103,8 +103,8 @@ static ap_status all_tiles(const ap_mesh *m, const ap_spec *s, const ap_shape *f
 }
 
 static bool same_box(const int64_t *o, const int64_t *e, int a, int b, int w) {
-    return memcmp(o + (size_t)a * (size_t)w, o + (size_t)b * (size_t)w, sizeof *o * (size_t)w) == 0 &&
-           memcmp(e + (size_t)a * (size_t)w, e + (size_t)b * (size_t)w, sizeof *e * (size_t)w) == 0;
+    size_t ia = (size_t)a * (size_t)w, ib = (size_t)b * (size_t)w, len = sizeof *o * (size_t)w;
+    return memcmp(o + ia, o + ib, len) == 0 && memcmp(e + ia, e + ib, len) == 0;
 }
 
 /* Devices of mesh m that hold device j's tile (not zeros of a pending sum), in device order,
@@ -749,7 +749,8 @@ static int owner_of(const ap_pipeline *pp, int node) {
 
 static ap_status leaf_owner(const ap_pipeline *pp, const autopar_tensor *t, const char *fn,
                             int *owner) {
-    if (!t) return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the plan's graph", fn);
+    if (!t)
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: tensor is not part of the plan's graph", fn);
     ap_status st = ap_graph_check_tensor(pp->plan->graph, t, -1, fn, "plan's");
     if (st) return st;
     const ap_node *n = (const ap_node *)t;

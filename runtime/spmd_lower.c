@@ -209,12 +209,13 @@ static ap_status local_shape(const sp_lower_ctx *c, const ap_spec *s, const ap_s
     return AUTOPAR_OK;
 }
 
-/* A data-movement kernel (PERMUTE / SLICE) on value `src` into a new value. */
-static ap_status emit_move(sp_lower_ctx *c, ap_op op, const ap_attrs *attrs,
-                           const ap_shape *in_shape, const ap_shape *out_shape, ap_dtype dt,
-                           int src, int node, int operand, int *out) {
-    const autopar_graph *g = c->g;
-    int v = sp_value_new(c->prog, numel_bytes(c, out_shape, dt), node, false);
+/* One kernel on local shapes with an output of dtype out_dt, into a new value. operand: as
+ * sp_ins. */
+static ap_status emit_kernel(sp_lower_ctx *c, ap_op op, const ap_attrs *attrs,
+                             const ap_shape *out_shape, ap_dtype out_dt, int n_src,
+                             const int *src, const ap_shape *src_shape,
+                             const ap_dtype *src_dtype, int node, int operand, int *out) {
+    int v = sp_value_new(c->prog, numel_bytes(c, out_shape, out_dt), node, false);
     if (v < 0) return AUTOPAR_ERR_NOMEM;
     sp_ins *in = ins_new(c->prog, SP_KERNEL, node, operand);
     if (!in) return AUTOPAR_ERR_NOMEM;
@@ -222,15 +223,24 @@ static ap_status emit_move(sp_lower_ctx *c, ap_op op, const ap_attrs *attrs,
     in->call.attrs = *attrs;
     in->call.precision = c->precision;
     in->call.out_shape = *out_shape;
-    in->call.out_dtype = dt;
-    in->call.n_src = 1;
-    in->call.src_shape[0] = *in_shape;
-    in->call.src_dtype[0] = dt;
-    in->call.name = g->nodes[node]->name;
+    in->call.out_dtype = out_dt;
+    in->call.n_src = n_src;
+    for (int k = 0; k < n_src; k++) {
+        in->call.src_shape[k] = src_shape[k];
+        in->call.src_dtype[k] = src_dtype[k];
+        in->src[k] = src[k];
+    }
+    in->call.name = c->g->nodes[node]->name;
     in->out = v;
-    in->src[0] = src;
     *out = v;
     return AUTOPAR_OK;
+}
+
+/* A data-movement kernel (PERMUTE / SLICE) on value `src` into a new value. */
+static ap_status emit_move(sp_lower_ctx *c, ap_op op, const ap_attrs *attrs,
+                           const ap_shape *in_shape, const ap_shape *out_shape, ap_dtype dt,
+                           int src, int node, int operand, int *out) {
+    return emit_kernel(c, op, attrs, out_shape, dt, 1, &src, in_shape, &dt, node, operand, out);
 }
 
 /* View value `src` as [a, b, rest] and transpose the first two dims (a no-op when a or b is 1,
@@ -855,32 +865,6 @@ static bool is_leaf(ap_op op) {
     return op == AP_OP_INPUT || op == AP_OP_PARAM || op == AP_OP_OPT_STATE;
 }
 
-/* One kernel with an F32 output on local shapes, into a new value. operand: as sp_ins. */
-static ap_status emit_kernel(sp_lower_ctx *c, ap_op op, const ap_attrs *attrs,
-                             const ap_shape *out_shape, int n_src, const int *src,
-                             const ap_shape *src_shape, const ap_dtype *src_dtype, int node,
-                             int operand, int *out) {
-    int v = sp_value_new(c->prog, numel_bytes(c, out_shape, AUTOPAR_F32), node, false);
-    if (v < 0) return AUTOPAR_ERR_NOMEM;
-    sp_ins *in = ins_new(c->prog, SP_KERNEL, node, operand);
-    if (!in) return AUTOPAR_ERR_NOMEM;
-    in->call.op = op;
-    in->call.attrs = *attrs;
-    in->call.precision = c->precision;
-    in->call.out_shape = *out_shape;
-    in->call.out_dtype = AUTOPAR_F32;
-    in->call.n_src = n_src;
-    for (int k = 0; k < n_src; k++) {
-        in->call.src_shape[k] = src_shape[k];
-        in->call.src_dtype[k] = src_dtype[k];
-        in->src[k] = src[k];
-    }
-    in->call.name = c->g->nodes[node]->name;
-    in->out = v;
-    *out = v;
-    return AUTOPAR_OK;
-}
-
 /* A SCALE kernel: out value (new, shape s) = src * f. */
 static ap_status emit_scale(sp_lower_ctx *c, int src, const ap_shape *s, double f, int node,
                             int operand, int *out) {
@@ -888,7 +872,7 @@ static ap_status emit_scale(sp_lower_ctx *c, int src, const ap_shape *s, double 
     memset(&a, 0, sizeof a);
     a.f[0] = f;
     const ap_dtype dt = AUTOPAR_F32;
-    return emit_kernel(c, AP_OP_SCALE, &a, s, 1, &src, s, &dt, node, operand, out);
+    return emit_kernel(c, AP_OP_SCALE, &a, s, dt, 1, &src, s, &dt, node, operand, out);
 }
 
 /* Where this device's tile of a tensor of shape `full` under spec starts along dim d. */
@@ -997,8 +981,8 @@ static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
     int parts, srcs[4] = {sv[kl], sv[kt], -1, -1};
     ap_shape sh[4] = {Ll, Tl};
     ap_dtype dts[4] = {AUTOPAR_F32, AUTOPAR_I32, AUTOPAR_F32, AUTOPAR_F32};
-    if ((st = emit_kernel(c, AP_OP_CE_PARTIAL, &a, &parts_shape, 2, srcs, sh, dts, id, -1,
-                          &parts)))
+    if ((st = emit_kernel(c, AP_OP_CE_PARTIAL, &a, &parts_shape, AUTOPAR_F32, 2, srcs, sh, dts,
+                          id, -1, &parts)))
         return st;
     ap_shape all_shape;
     memset(&all_shape, 0, sizeof all_shape);
@@ -1022,8 +1006,8 @@ static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
     if (back) comb_shape.dim[comb_shape.ndim++] = 2;
     else comb_shape.ndim = 0;
     int comb;
-    if ((st = emit_kernel(c, AP_OP_CE_COMBINE, &a, &comb_shape, 1, &all, &all_shape, dts, id,
-                          -1, &comb)))
+    if ((st = emit_kernel(c, AP_OP_CE_COMBINE, &a, &comb_shape, AUTOPAR_F32, 1, &all,
+                          &all_shape, dts, id, -1, &comb)))
         return st;
 
     int res;
@@ -1042,7 +1026,8 @@ static ap_status lower_ce_parallel(sp_lower_ctx *c, int id, bool *done) {
         int bs[4] = {dl, sv[kl], sv[kt], comb};
         ap_shape bsh[4] = {scalar, Ll, Tl, comb_shape};
         ap_dtype bdt[4] = {AUTOPAR_F32, AUTOPAR_F32, AUTOPAR_I32, AUTOPAR_F32};
-        if ((st = emit_kernel(c, AP_OP_CE_BACK_PARTIAL, &a, &Ll, 4, bs, bsh, bdt, id, -1, &res)))
+        if ((st = emit_kernel(c, AP_OP_CE_BACK_PARTIAL, &a, &Ll, AUTOPAR_F32, 4, bs, bsh, bdt,
+                              id, -1, &res)))
             return st;
         C = P;
     }
