@@ -41,6 +41,18 @@ static void test_fail_at(int line, const char *fmt, ...) {
                          autopar_last_error());                                                 \
     } while (0)
 
+/* The GPT test batch of step s: n random tokens and n random targets in [0, vocab). */
+__attribute__((unused)) static void test_gpt_batch(int64_t vocab, int64_t n, int64_t s,
+                                                   int32_t *tokens, int32_t *targets) {
+    uint64_t x = 0x9E3779B97F4A7C15ull * (uint64_t)(s + 1);
+    for (int64_t i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[i] = (int32_t)((x >> 33) % (uint64_t)vocab);
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        targets[i] = (int32_t)((x >> 33) % (uint64_t)vocab);
+    }
+}
+
 /* How a trained parameter or optimizer state compares with the reference's. */
 typedef struct state_error {
     double  rel;       /* max over elements of |a - b| / (max |b| + widen_i / TOL_REL), so that
