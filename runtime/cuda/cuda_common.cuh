@@ -59,9 +59,11 @@ AP_INTERNAL ap_status ap_cuda_fail(const char *what, const char *expr, const cha
 #define AP_CUDA_TRY(what, expr)                                                                 \
     do {                                                                                        \
         cudaError_t ap_e_ = (expr);                                                             \
-        if (ap_e_ != cudaSuccess)                                                               \
+        if (ap_e_ != cudaSuccess) {                                                             \
+            (void)cudaGetLastError(); /* a non-sticky error must not fail the next launch */   \
             return ap_cuda_fail((what), #expr, cudaGetErrorName(ap_e_),                         \
                                 cudaGetErrorString(ap_e_), __FILE__, __LINE__);                 \
+        }                                                                                       \
     } while (0)
 
 #define AP_CUBLAS_TRY(what, expr)                                                               \

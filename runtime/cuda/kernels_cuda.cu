@@ -111,8 +111,9 @@ struct scale_f {
 struct relu_f { __device__ float operator()(float x) const { return x > 0.0f ? x : 0.0f; } };
 struct gelu_f {
     __device__ float operator()(float x) const {
+        // 0.5 x (1 + tanh u) = x * sigmoid(2u): no cancellation for negative x (as the CPU)
         float u = GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x);
-        return 0.5f * x * (1.0f + tanhf(u));
+        return x / (1.0f + expf(-2.0f * u));
     }
 };
 // (dY, X) -> dY * (X > 0)
@@ -122,10 +123,11 @@ struct relu_back_f {
 // (dY, X) -> dY * gelu'(X)
 struct gelu_back_f {
     __device__ float operator()(float dy, float x) const {
+        // s = sigmoid(2u) = 0.5 (1 + tanh u), 2 s (1 - s) = 0.5 (1 - tanh^2 u), as the CPU
         float u = GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x);
-        float t = tanhf(u);
+        float e = expf(-2.0f * u), s = 1.0f / (1.0f + e), oms = 1.0f / (1.0f + 1.0f / e);
         float du = GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
-        return dy * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
+        return dy * (s + 2.0f * x * s * oms * du);
     }
 };
 // (P, G) -> P - lr (G + wd P)

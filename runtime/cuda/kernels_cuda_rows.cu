@@ -330,7 +330,7 @@ __global__ void ce_partial_kernel(float *part, const float *logits, const int *l
         if (label < 0 || label >= V)
             ap_cuda_report_bad_index(flag, code, label, (int)V, (long long)blockIdx.x);
         i64 t = (i64)label - v0;
-        float *o = part + 3 * blockIdx.x;
+        float *o = part + 3 * (i64)blockIdx.x;
         o[0] = m;
         o[1] = s;
         o[2] = t >= 0 && t < Vl ? xr[t] : 0.0f;
@@ -364,7 +364,7 @@ __global__ void ce_back_partial_kernel(float *dx, const float *dl, const float *
     const float *xr = logits + blockIdx.x * Vl;
     float *dxr = dx + blockIdx.x * Vl;
     i64 t = (i64)labels[blockIdx.x] - v0;
-    float m = stats[2 * blockIdx.x], inv = 1.0f / stats[2 * blockIdx.x + 1];
+    float m = stats[2 * (i64)blockIdx.x], inv = 1.0f / stats[2 * (i64)blockIdx.x + 1];
     float g = dl[0] * inv_rows;
     for (i64 c = threadIdx.x; c < Vl; c += blockDim.x)
         dxr[c] = g * (expf(xr[c] - m) * inv - (c == t ? 1.0f : 0.0f));
@@ -437,6 +437,12 @@ __global__ void embedding_back_kernel(float *dtable, const float *dy, const int 
 
 static i64 numel(const ap_shape *s) { return ap_shape_numel(s); }
 static i64 last_dim(const ap_shape *s) { return s->ndim > 0 ? s->dim[s->ndim - 1] : 1; }
+/* Product of all dims but the last (as the CPU's lead_rows; 1 for rank 0 and 1). */
+static i64 lead_rows(const ap_shape *s) {
+    i64 r = 1;
+    for (int i = 0; i + 1 < s->ndim; i++) r *= s->dim[i];
+    return r;
+}
 
 static ap_status bad_shapes(const char *what, const char *why) {
     return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: %s", what, why);
@@ -638,7 +644,7 @@ static ap_status run_ce_parallel(ap_cuda_ctx *ctx, const ap_kernel_call *c, cons
     ap_status s;
     if (c->op == AP_OP_CE_PARTIAL) {
         const ap_shape *sx = &c->src_shape[0];
-        i64 Vl = last_dim(sx), rows = Vl ? numel(sx) / Vl : 0, v0 = c->attrs.i[0];
+        i64 Vl = last_dim(sx), rows = lead_rows(sx), v0 = c->attrs.i[0];
         i64 V = c->attrs.i[1];
         if (sx->ndim < 1 || numel(&c->src_shape[1]) != rows || numel(&c->out_shape) != 3 * rows)
             return bad_shapes(what, "want logits[..., Vl], labels[...] and an output [..., 3]");
@@ -647,7 +653,7 @@ static ap_status run_ce_parallel(ap_cuda_ctx *ctx, const ap_kernel_call *c, cons
                             "vocabulary of %lld", what, (long long)v0, (long long)(v0 + Vl),
                             (long long)V);
         if ((s = check_rows(what, rows)) != AUTOPAR_OK) return s;
-        if (rows == 0 || Vl == 0) return AUTOPAR_OK;
+        if (rows == 0) return AUTOPAR_OK; /* Vl == 0: rows of (-inf, 0, 0), as on the CPU */
         int code = ap_cuda_flag_code(ctx, ap_op_name(c->op), c->name);
         ce_partial_kernel<<<(unsigned)rows, row_threads(Vl), 0, ctx->stream>>>(
             (float *)c->out, (const float *)c->src[0], (const int *)c->src[1], Vl, v0, V,
@@ -681,7 +687,7 @@ static ap_status run_ce_parallel(ap_cuda_ctx *ctx, const ap_kernel_call *c, cons
     }
     /* CE_BACK_PARTIAL: (dL, logits, labels, stats) */
     const ap_shape *sx = &c->src_shape[1];
-    i64 Vl = last_dim(sx), n = numel(sx), rows = Vl ? n / Vl : 0;
+    i64 Vl = last_dim(sx), n = numel(sx), rows = lead_rows(sx);
     if (sx->ndim < 1 || numel(&c->src_shape[0]) != 1 || numel(&c->src_shape[2]) != rows ||
         numel(&c->src_shape[3]) != 2 * rows || numel(&c->out_shape) != n)
         return bad_shapes(what, "want (scalar dL, logits[..., Vl], labels[...], stats[..., 2]) "
