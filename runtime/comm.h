@@ -166,8 +166,8 @@ AP_INTERNAL ap_status ap_comm_world(ap_comm **out);
  * AUTOPAR_ERR_NOMEM. */
 AP_INTERNAL ap_status ap_comm_split(ap_comm *parent, int color, int key, ap_comm **out);
 
-/* Frees a communicator (not collective; MPI_Comm_free / ncclCommDestroy after pending work).
- * NULL-safe. Finalises MPI when this was the last communicator and this layer initialised MPI. */
+/* Frees a communicator (MPI_Comm_free / ncclCommDestroy after pending work). Free in the same
+ * order on every member: NCCL documents ncclCommDestroy as collective within a node. NULL-safe. Finalises MPI when this was the last communicator and this layer initialised MPI. */
 AP_INTERNAL void ap_comm_free(ap_comm *comm);
 
 /* ------------------------------------------------------------------------------------------ */
@@ -235,9 +235,10 @@ AP_INTERNAL ap_status ap_comm_synchronize(ap_comm *comm);
 /* ------------------------------------------------------------------------------------------ */
 
 /* Blocking send to / receive from group rank `peer` (!= this rank: use ap_comm_send_recv or
- * ap_comm_exchange for a copy to itself). A receive checks the message had exactly `count`
- * elements (AUTOPAR_ERR_MPI otherwise). Two ranks that both send first may deadlock for large
- * messages: pipeline exchanges use ap_comm_send_recv or ap_comm_exchange. */
+ * ap_comm_exchange for a copy to itself). Over MPI a receive checks the message had exactly
+ * `count` elements (AUTOPAR_ERR_MPI otherwise); NCCL cannot check, so a mismatch there hangs or
+ * corrupts. Two ranks that both send first may deadlock (MPI: large messages; NCCL: any size):
+ * pipeline exchanges use ap_comm_send_recv or ap_comm_exchange. */
 AP_INTERNAL ap_status ap_comm_send(ap_comm *comm, const void *buf, size_t count, ap_comm_dtype t,
                                    int peer);
 AP_INTERNAL ap_status ap_comm_recv(ap_comm *comm, void *buf, size_t count, ap_comm_dtype t,

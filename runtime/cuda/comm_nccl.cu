@@ -182,9 +182,16 @@ static void nccl_free(ap_comm *c) {
 
 static ap_status nccl_split(ap_comm *c, int color, int key, ap_comm **out) {
     ap_comm *h = NULL;
-    TRY(ap_comm_split(c->host, color, key, &h));
-    if (!h) return AUTOPAR_OK;
-    return nccl_create(h, ctx_of(c)->cuda, c, out);
+    ap_status s = ap_comm_split(c->host, color, key, &h);
+    if (s == AUTOPAR_OK && h) s = nccl_create(h, ctx_of(c)->cuda, c, out);
+    /* nccl_create agrees within the new group only: agree over the parent too, so that every
+     * rank of c returns the same status (callers branch on it before their next collective). */
+    s = ap_comm_all_ok(c, s);
+    if (s != AUTOPAR_OK && *out) {
+        ap_comm_free(*out); /* every member of that group frees it alike */
+        *out = NULL;
+    }
+    return s;
 }
 
 static ap_status nccl_all_reduce(ap_comm *c, const void *send, void *recv, size_t count,

@@ -37,9 +37,16 @@ int ap_cuda_device_count(void) {
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
         (void)cudaGetLastError(); /* no driver / no device: clear the error, report none */
+        /* keep the reason: a driver older than the toolkit must not read like "no GPU" */
+        (void)ap_error(AUTOPAR_ERR_UNSUPPORTED, "cudaGetDeviceCount: %s: %s",
+                       cudaGetErrorName(e), cudaGetErrorString(e));
         return 0;
     }
-    return n < 0 ? 0 : n;
+    if (n <= 0) {
+        (void)ap_error(AUTOPAR_ERR_UNSUPPORTED, "cudaGetDeviceCount: no devices");
+        return 0;
+    }
+    return n;
 }
 
 /* Releases whatever part of a context was created; safe on a partly built one. */

@@ -14,7 +14,8 @@ extern "C" {
 /* Opaque per-rank CUDA context: device, stream, cuBLAS handle, scratch memory. */
 typedef struct ap_cuda_ctx ap_cuda_ctx;
 
-/* Number of visible CUDA devices (0 when none or when the driver is missing; never fails). */
+/* Number of visible CUDA devices (0 when none or when the driver is missing or too old; never
+ * fails). When it returns 0, autopar_last_error() says why (for skip messages). */
 AP_INTERNAL int ap_cuda_device_count(void);
 
 /* Creates a context on device `device` with its own stream and cuBLAS handle. */
