@@ -7,7 +7,8 @@ set -euo pipefail
 
 packages=(build-essential cmake pkg-config git
           libopenmpi-dev openmpi-bin
-          libglpk-dev libcjson-dev libopenblas-dev)
+          libglpk-dev libcjson-dev libopenblas-dev
+          valgrind)   # the memcheck test run (AUTOPAR_VALGRIND=1 scripts/run-tests.sh)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -2,6 +2,8 @@
 # Builds libautopar and runs the whole test suite with CTest. Used by README and by CI (.ci/run).
 #   scripts/run-tests.sh               Release build in build/, all tests
 #   AUTOPAR_SANITIZE=1 scripts/run-tests.sh   ASan + UBSan build in build-asan/
+#   AUTOPAR_VALGRIND=1 scripts/run-tests.sh   valgrind memcheck of a Debug build in build-valgrind/
+#                                             (the slowest tests left out; MPI tests at 2 ranks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,9 @@ if [ "${AUTOPAR_SANITIZE:-0}" = "1" ]; then
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DAUTOPAR_SANITIZE=ON -DAUTOPAR_CUDA=OFF
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp:print_suppressions=0"
+elif [ "${AUTOPAR_VALGRIND:-0}" = "1" ]; then
+  dir=build-valgrind
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DAUTOPAR_VALGRIND=ON -DAUTOPAR_CUDA=OFF
 else
   dir=build
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release
