@@ -168,11 +168,8 @@ static void error_cases(void) {
 static void checkpoint_case(void) {
     model m, mm;
     if (!build_pair(&mm, &m, true, false, 2)) return;
-    char path[128];
-    snprintf(path, sizeof path, "mpi_test_pipeline_np%d.ckpt", g_size);
     autopar_cluster *cl = NULL;
     autopar_plan *pa = NULL, *pb = NULL;
-    autopar_session *sa = NULL, *sb = NULL;
     EXPECT_OK(autopar_cluster_preset("cpu", 1, g_size, &cl));
     EXPECT_OK(autopar_parallelize(mm.g, cl, manual(2, 2, 0, 0, 0, 0, 2, AUTOPAR_SCHEDULE_1F1B),
                                   &pa));
@@ -180,40 +177,7 @@ static void checkpoint_case(void) {
     g_opt.method = AUTOPAR_METHOD_DATA_PARALLEL;
     g_opt.num_micro_batches = 2;
     EXPECT_OK(autopar_parallelize(mm.g, cl, &g_opt, &pb));
-    if (pa && pb) {
-        EXPECT_OK(autopar_session_new(pa, AUTOPAR_BACKEND_CPU, SEED, &sa));
-        EXPECT_OK(autopar_session_new(pb, AUTOPAR_BACKEND_CPU, SEED + 1, &sb));
-    }
-    int32_t *t = malloc((size_t)m.in_n[0] * 4), *y = malloc((size_t)m.in_n[1] * 4);
-    if (sa && sb && t && y) {
-        double la = 0, lb = 0;
-        for (int st = 0; st < 2; st++) {
-            model_batch(&m, st, t, y);
-            EXPECT_OK(autopar_session_write_input(sa, "tokens", t, m.in_n[0]));
-            EXPECT_OK(autopar_session_write_input(sa, "targets", y, m.in_n[1]));
-            EXPECT_OK(autopar_session_step(sa, &la));
-        }
-        EXPECT_OK(autopar_session_save(sa, path));
-        EXPECT_OK(autopar_session_load(sb, path));
-        int differ = states_differ(sa, sb, m.g);
-        model_batch(&m, 2, t, y);
-        EXPECT_OK(autopar_session_write_input(sa, "tokens", t, m.in_n[0]));
-        EXPECT_OK(autopar_session_write_input(sa, "targets", y, m.in_n[1]));
-        EXPECT_OK(autopar_session_write_input(sb, "tokens", t, m.in_n[0]));
-        EXPECT_OK(autopar_session_write_input(sb, "targets", y, m.in_n[1]));
-        EXPECT_OK(autopar_session_step(sa, &la));
-        EXPECT_OK(autopar_session_step(sb, &lb));
-        EXPECT(fabs(la - lb) <= TOL * fabs(la), "checkpoint: next loss %.9g vs %.9g", la, lb);
-        if (test_rank == 0) {
-            printf("np %d checkpoint 2-stage pipeline -> data-parallel: %d tensors differ, next "
-                   "loss %.9g vs %.9g\n", g_size, differ, la, lb);
-            remove(path);
-        }
-    }
-    free(t);
-    free(y);
-    autopar_session_free(sa);
-    autopar_session_free(sb);
+    checkpoint_round_trip(&m, pa, pb, "mpi_test_pipeline", "2-stage pipeline -> data-parallel");
     autopar_plan_free(pa);
     autopar_plan_free(pb);
     autopar_cluster_free(cl);

@@ -146,55 +146,15 @@ static void error_cases(void) {
 static void checkpoint_case(void) {
     model m;
     if (!model_new(&m, false, AUTOPAR_OPT_ADAMW)) return;
-    char path[128];
-    snprintf(path, sizeof path, "mpi_test_session_np%d.ckpt", g_size);
     autopar_cluster *cl = NULL;
     autopar_plan *pa = NULL, *pb = NULL;
-    autopar_session *sa = NULL, *sb = NULL;
     autopar_options o;
     autopar_options_default(&o);
     EXPECT_OK(autopar_cluster_preset("cpu", 1, g_size, &cl));
     EXPECT_OK(autopar_parallelize(m.g, cl, &o, &pa));
     o.method = AUTOPAR_METHOD_DATA_PARALLEL;
     EXPECT_OK(autopar_parallelize(m.g, cl, &o, &pb));
-    float *x = malloc((size_t)m.in_n[0] * 4), *y = malloc((size_t)m.in_n[1] * 4);
-    if (pa && pb && x && y) {
-        EXPECT_OK(autopar_session_new(pa, AUTOPAR_BACKEND_CPU, SEED, &sa));
-        EXPECT_OK(autopar_session_new(pb, AUTOPAR_BACKEND_CPU, SEED + 1, &sb));
-    }
-    if (sa && sb) {
-        double la = 0, lb = 0;
-        for (int st = 0; st < 2; st++) {
-            model_batch(&m, st, x, y);
-            EXPECT_OK(autopar_session_write_input(sa, "x", x, m.in_n[0]));
-            EXPECT_OK(autopar_session_write_input(sa, "y", y, m.in_n[1]));
-            EXPECT_OK(autopar_session_step(sa, &la));
-        }
-        EXPECT_OK(autopar_session_save(sa, path));
-        EXPECT_OK(autopar_session_load(sb, path));
-        EXPECT(autopar_session_steps(sb) == 2, "loaded steps %lld",
-               (long long)autopar_session_steps(sb));
-        int mismatched = states_differ(sa, sb, m.g);
-        model_batch(&m, 2, x, y);
-        EXPECT_OK(autopar_session_write_input(sa, "x", x, m.in_n[0]));
-        EXPECT_OK(autopar_session_write_input(sa, "y", y, m.in_n[1]));
-        EXPECT_OK(autopar_session_write_input(sb, "x", x, m.in_n[0]));
-        EXPECT_OK(autopar_session_write_input(sb, "y", y, m.in_n[1]));
-        EXPECT_OK(autopar_session_step(sa, &la));
-        EXPECT_OK(autopar_session_step(sb, &lb));
-        EXPECT(fabs(la - lb) <= TOL * fabs(la), "checkpoint: next loss %.9g vs %.9g", la, lb);
-        /* a file that is not a checkpoint */
-        autopar_status st = autopar_session_load(sb, "/nonexistent/autopar.ckpt");
-        EXPECT(st == AUTOPAR_ERR_IO, "missing checkpoint: %s", autopar_status_str(st));
-        if (test_rank == 0)
-            printf("np %d checkpoint auto -> data-parallel: %d tensors differ, next loss %.9g vs "
-                   "%.9g\n", g_size, mismatched, la, lb);
-        if (test_rank == 0) remove(path);
-    }
-    free(x);
-    free(y);
-    autopar_session_free(sa);
-    autopar_session_free(sb);
+    checkpoint_round_trip(&m, pa, pb, "mpi_test_session", "auto -> data-parallel");
     autopar_plan_free(pa);
     autopar_plan_free(pb);
     autopar_cluster_free(cl);

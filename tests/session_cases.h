@@ -124,6 +124,58 @@ __attribute__((unused)) static int states_differ(autopar_session *sa, autopar_se
     return differ;
 }
 
+/* Checkpoints across plans: trains 2 steps under plan pa, saves to "<test>_np<N>.ckpt", loads
+ * the file into a session of plan pb (another seed), and checks the loaded step count, every
+ * parameter and optimizer state bit for bit, the next step's losses within TOL, and that a
+ * missing file is an IO error. m: the model whose batches both plans take (its graph names the
+ * states); what: printed with the result. */
+__attribute__((unused)) static void checkpoint_round_trip(const model *m, autopar_plan *pa,
+                                                          autopar_plan *pb, const char *test,
+                                                          const char *what) {
+    char path[128];
+    snprintf(path, sizeof path, "%s_np%d.ckpt", test, g_size);
+    autopar_session *sa = NULL, *sb = NULL;
+    if (pa && pb) {
+        EXPECT_OK(autopar_session_new(pa, AUTOPAR_BACKEND_CPU, SEED, &sa));
+        EXPECT_OK(autopar_session_new(pb, AUTOPAR_BACKEND_CPU, SEED + 1, &sb));
+    }
+    void *a = malloc((size_t)m->in_n[0] * 4), *b = malloc((size_t)m->in_n[1] * 4);
+    autopar_session *both[2] = {sa, sb};
+    if (sa && sb && a && b) {
+        double loss[2] = {0, 0};
+        for (int st = 0; st < 2; st++) {
+            model_batch(m, st, a, b);
+            EXPECT_OK(autopar_session_write_input(sa, m->in_name[0], a, m->in_n[0]));
+            EXPECT_OK(autopar_session_write_input(sa, m->in_name[1], b, m->in_n[1]));
+            EXPECT_OK(autopar_session_step(sa, &loss[0]));
+        }
+        EXPECT_OK(autopar_session_save(sa, path));
+        EXPECT_OK(autopar_session_load(sb, path));
+        EXPECT(autopar_session_steps(sb) == 2, "loaded steps %lld",
+               (long long)autopar_session_steps(sb));
+        int differ = states_differ(sa, sb, m->g);
+        model_batch(m, 2, a, b);
+        for (int k = 0; k < 2; k++) {
+            EXPECT_OK(autopar_session_write_input(both[k], m->in_name[0], a, m->in_n[0]));
+            EXPECT_OK(autopar_session_write_input(both[k], m->in_name[1], b, m->in_n[1]));
+            EXPECT_OK(autopar_session_step(both[k], &loss[k]));
+        }
+        EXPECT(fabs(loss[0] - loss[1]) <= TOL * fabs(loss[0]), "checkpoint: next loss %.9g vs "
+               "%.9g", loss[0], loss[1]);
+        autopar_status st = autopar_session_load(sb, "/nonexistent/autopar.ckpt");
+        EXPECT(st == AUTOPAR_ERR_IO, "missing checkpoint: %s", autopar_status_str(st));
+        if (test_rank == 0) {
+            printf("np %d checkpoint %s: %d tensors differ, next loss %.9g vs %.9g\n", g_size,
+                   what, differ, loss[0], loss[1]);
+            remove(path);
+        }
+    }
+    free(a);
+    free(b);
+    autopar_session_free(sa);
+    autopar_session_free(sb);
+}
+
 /* The backend run_case's sessions use: AUTOPAR_TEST_BACKEND=cuda or auto (scripts/gpu-check.sh
  * runs the session test so on one GPU), the CPU backend otherwise. */
 static autopar_backend_kind test_backend_kind(void) {
