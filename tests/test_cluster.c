@@ -3,6 +3,7 @@
  * example files in docs/clusters, and the per-axis links a mesh derives from a cluster.
  */
 #include "autopar.h"
+#include "check_cond.h"
 #include "cluster.h"
 #include "mesh.h"
 
@@ -10,16 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int g_failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            g_failures++;                                                             \
-        }                                                                             \
-    } while (0)
 
 /* Relative comparison for derived figures (products and quotients of the preset values). */
 static int close_to(double a, double b) { return fabs(a - b) <= 1e-12 * fabs(b) + 1e-300; }

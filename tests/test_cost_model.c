@@ -6,6 +6,7 @@
  * collective whose device groups really exchange the tiles it claims).
  */
 #include "autopar.h"
+#include "check_cond.h"
 #include "cluster.h"
 #include "cost_model.h"
 #include "mesh.h"
@@ -14,16 +15,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int g_failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            g_failures++;                                                             \
-        }                                                                             \
-    } while (0)
 
 static int close_to(double a, double b) { return fabs(a - b) <= 1e-9 * fabs(b) + 1e-18; }
 

@@ -17,6 +17,7 @@
  * paths (dual simplex + warm-started branch-and-cut, and glp_intopt's MIP presolver) are used.
  */
 #include "autopar.h"
+#include "check_cond.h"
 #include "cluster.h"
 #include "mesh.h"
 #include "sharding.h"
@@ -26,16 +27,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int g_failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            g_failures++;                                                             \
-        }                                                                             \
-    } while (0)
 
 static uint64_t rng_state = 0x1234567887654321ull;
 static uint32_t rnd(void) {

@@ -15,6 +15,7 @@
  *     budget that fits; that budget then succeeds (peak <= it) and one byte less fails.
  */
 #include "autopar.h"
+#include "check_cond.h"
 #include "cluster.h"
 #include "mesh.h"
 #include "models.h"
@@ -24,16 +25,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int g_failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            g_failures++;                                                             \
-        }                                                                             \
-    } while (0)
 
 static ap_status stage(const autopar_graph *g, const ap_mesh *m, const autopar_cluster *cl,
                        double budget, bool zero, ap_shard_plan **out) {

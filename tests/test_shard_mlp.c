@@ -69,6 +69,7 @@
  *     Collectives: 3 on tp (activations), 8 on dp (one per parameter gradient).
  */
 #include "autopar.h"
+#include "check_cond.h"
 #include "cluster.h"
 #include "mesh.h"
 #include "models.h"
@@ -77,16 +78,6 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
-
-static int g_failures;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-            g_failures++;                                                             \
-        }                                                                             \
-    } while (0)
 
 /* AR(B) on an axis of n devices, by hand. */
 static double ar(double alpha, double beta, int n, double bytes) {
