@@ -525,15 +525,11 @@ static ap_status select_manual(par_ctx *x, chosen **out, int *n_out) {
         ch[s].a.first_layer = m[s].first_layer;
         ch[s].a.last_layer = m[s].last_layer;
         if (m[s].mesh_dp == 0 && m[s].mesh_mp == 0) {
+            const int *cf = NULL;
+            int k = 0;
             if ((st = ap_cost_add_auto_configs(x->cost, sh, o->force_batch_dim_to_axis0 != 0,
-                                               NULL)))
+                                               &cf, &k)))
                 break;
-            int sub = -1, k;
-            for (int q = 0; q < ap_cost_n_submeshes(x->cost); q++)
-                if (ap_cost_submesh(x->cost, q).n_hosts == sh.n_hosts &&
-                    ap_cost_submesh(x->cost, q).devices_per_host == sh.devices_per_host)
-                    sub = q;
-            const int *cf = ap_cost_submesh_configs(x->cost, sub, &k);
             cands[s] = malloc(sizeof(int) * (size_t)k);
             if (!cands[s]) {
                 st = ap_error(AUTOPAR_ERR_NOMEM, "autopar_parallelize: out of memory");
@@ -640,15 +636,11 @@ static ap_status select_uniform(par_ctx *x, chosen **out, int *n_out) {
         ap_submesh_shape sh;
         if (S > L || D % S != 0 || !uniform_shape(x->c, D / S, &sh)) continue;
         any_shape = true;
+        const int *cf = NULL;
+        int k = 0;
         if ((st = ap_cost_add_auto_configs(x->cost, sh, x->o->force_batch_dim_to_axis0 != 0,
-                                           NULL)))
+                                           &cf, &k)))
             break;
-        int sub = -1, k;
-        for (int q = 0; q < ap_cost_n_submeshes(x->cost); q++)
-            if (ap_cost_submesh(x->cost, q).n_hosts == sh.n_hosts &&
-                ap_cost_submesh(x->cost, q).devices_per_host == sh.devices_per_host)
-                sub = q;
-        const int *cf = ap_cost_submesh_configs(x->cost, sub, &k);
         chosen *ch = calloc((size_t)S, sizeof *ch);
         int **cands = calloc((size_t)S, sizeof *cands);
         int *nc = calloc((size_t)S, sizeof *nc);
@@ -897,11 +889,12 @@ AUTOPAR_API autopar_status autopar_parallelize(const autopar_graph *g, const aut
                                 (ap_submesh_space)o->submesh_space, shapes, ns, &ns);
         for (int m = 0; m < ns && !st; m++)
             st = ap_cost_add_auto_configs(x.cost, shapes[m], o->force_batch_dim_to_axis0 != 0,
-                                          NULL);
+                                          NULL, NULL);
         free(shapes);
         dp_search = true;
     } else if (o->method == AUTOPAR_METHOD_SHARD) {
-        st = ap_cost_add_auto_configs(x.cost, whole, o->force_batch_dim_to_axis0 != 0, NULL);
+        st = ap_cost_add_auto_configs(x.cost, whole, o->force_batch_dim_to_axis0 != 0, NULL,
+                                      NULL);
         dp_search = true;
     } else if (o->method == AUTOPAR_METHOD_DATA_PARALLEL || o->method == AUTOPAR_METHOD_ZERO2) {
         st = ap_cost_add_config(x.cost, whole, ap_cluster_num_devices(c), 1, 0, NULL);

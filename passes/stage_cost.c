@@ -649,28 +649,25 @@ static bool batch_divisible(const autopar_graph *g, int dp) {
 }
 
 AP_INTERNAL ap_status ap_cost_add_auto_configs(ap_cost_ctx *x, ap_submesh_shape s, bool force,
-                                               int *count) {
+                                               const int **configs, int *count) {
+    if (configs) *configs = NULL;
     if (count) *count = 0;
     if (!x) return ap_error(AUTOPAR_ERR_INVALID_ARG, "ap_cost_add_auto_configs: NULL context");
-    int n = ap_submesh_size(s), M = x->prm.cluster->devices_per_host, added = 0;
+    int n = ap_submesh_size(s), M = x->prm.cluster->devices_per_host;
     ap_status st;
     for (int mp = 1; mp <= n && mp <= M; mp++) {
         if (n % mp != 0) continue;
         int dp = n / mp;
         if (force && dp > 1 && !batch_divisible(x->g, dp)) continue;
         if ((st = ap_cost_add_config(x, s, dp, mp, force ? 0 : -1, NULL))) return st;
-        added++;
     }
-    if (force && n > 1) {
-        if ((st = ap_cost_add_config(x, s, n, 1, -1, NULL))) return st;
-        added++;
-    }
-    if (count) {
+    if (force && n > 1 && (st = ap_cost_add_config(x, s, n, 1, -1, NULL))) return st;
+    if (configs || count) {
         int m;
         if ((st = submesh_index(x, s, &m))) return st;
-        *count = x->sub_ncfg[m];
+        if (configs) *configs = x->sub_cfg[m];
+        if (count) *count = x->sub_ncfg[m];
     }
-    (void)added;
     return AUTOPAR_OK;
 }
 

@@ -103,10 +103,11 @@ AP_INTERNAL ap_status ap_cost_add_config(ap_cost_ctx *x, ap_submesh_shape s, int
 /* Adds the automatic search space of submesh s: for every mp dividing the submesh size n with
  * mp <= devices per host, (n/mp) x mp with the batch forced onto axis 0 (when `force`; skipped
  * when some input's batch dim is not divisible by n/mp), then n x 1 with the ILP free; without
- * `force` the same shapes, all free. Writes the number of configurations added for s to
- * *count (may be NULL). Errors: as ap_cost_add_config. */
+ * `force` the same shapes, all free. Writes submesh s's configuration indices (all of them so
+ * far, in the order added; valid until the next configuration is added) to *configs and their
+ * number to *count (both may be NULL). Errors: as ap_cost_add_config. */
 AP_INTERNAL ap_status ap_cost_add_auto_configs(ap_cost_ctx *x, ap_submesh_shape s, bool force,
-                                               int *count);
+                                               const int **configs, int *count);
 
 /* The submeshes and configurations added so far. cfgs of submesh m: ap_cost_submesh_configs. */
 AP_INTERNAL int ap_cost_n_submeshes(const ap_cost_ctx *x);

@@ -675,6 +675,24 @@ static void relax_row(const dp_ctx *x, int i, int k_max, int mu_exact, double T,
     *dhi_out = rhi;
 }
 
+/* Records a finished plan of stage-time sum v and largest stage time m (label as in dp_eval):
+ * the lexicographic least (sum, max), and the best objective v + (B - 1) m, ties to the smaller
+ * sum. Infinite v (no plan) is ignored. */
+static void eval_note(dp_eval *ev, double v, double m, int B, int label) {
+    if (!isfinite(v)) return;
+    double obj = v + (double)(B - 1) * m;
+    if (v < ev->min_sum || (v == ev->min_sum && m < ev->min_sum_max)) {
+        ev->min_sum = v;
+        ev->min_sum_max = m;
+    }
+    if (obj < ev->obj || (obj == ev->obj && v < ev->sum)) {
+        ev->obj = obj;
+        ev->sum = v;
+        ev->max = m;
+        ev->label = label;
+    }
+}
+
 /* One DP run with every stage time <= T. With store, argmins are kept for backtracking. */
 static ap_status dp_run(dp_ctx *x, double T, bool store, dp_eval *ev) {
     const int L = x->L, S = x->S, C = x->C, D = x->D;
@@ -741,20 +759,7 @@ static ap_status dp_run(dp_ctx *x, double T, bool store, dp_eval *ev) {
                       x->hi[prev], df + (size_t)i * R, dm + (size_t)i * R, &x->lo[cur][i],
                       &x->hi[cur][i], da);
         }
-        double v = df[D], m = dm[D];
-        if (isfinite(v)) {
-            double obj = v + (double)(x->B - 1) * m;
-            if (v < ev->min_sum || (v == ev->min_sum && m < ev->min_sum_max)) {
-                ev->min_sum = v;
-                ev->min_sum_max = m;
-            }
-            if (obj < ev->obj || (obj == ev->obj && v < ev->sum)) {
-                ev->obj = obj;
-                ev->sum = v;
-                ev->max = m;
-                ev->label = s;
-            }
-        }
+        eval_note(ev, df[D], dm[D], x->B, s);
     }
     x->last_exact = cur;
 
@@ -794,22 +799,7 @@ static ap_status dp_run(dp_ctx *x, double T, bool store, dp_eval *ev) {
         x->loc[i] = lo;
         x->hic[i] = hi;
     }
-    {
-        double v = x->fm[D], m = x->mm[D];
-        if (isfinite(v)) {
-            double obj = v + (double)(x->B - 1) * m;
-            if (v < ev->min_sum || (v == ev->min_sum && m < ev->min_sum_max)) {
-                ev->min_sum = v;
-                ev->min_sum_max = m;
-            }
-            if (obj < ev->obj || (obj == ev->obj && v < ev->sum)) {
-                ev->obj = obj;
-                ev->sum = v;
-                ev->max = m;
-                ev->label = E + 1;
-            }
-        }
-    }
+    eval_note(ev, x->fm[D], x->mm[D], x->B, E + 1);
     ev->feasible = ev->label >= 0;
     return AUTOPAR_OK;
 }
