@@ -303,6 +303,17 @@ static int group_only(const ap_group *gr) {
     return only;
 }
 
+/* The first group none of whose strategies is still allowed, or NULL. */
+static const ap_group *group_without_strategy(const ap_shard_problem *p) {
+    for (int gi = 0; gi < p->n_groups; gi++) {
+        const ap_group *gr = &p->groups[gi];
+        bool any = false;
+        for (int j = 0; j < gr->n_strat && !any; j++) any = gr->ok[j] != 0;
+        if (!any) return gr;
+    }
+    return NULL;
+}
+
 static ap_gedge *edge_get(ap_shard_problem *p, int a, int b) {
     if (p->edge_hash_cap == 0 || 2 * (p->n_edges + 1) > p->edge_hash_cap) {
         int cap = p->edge_hash_cap ? 2 * p->edge_hash_cap : 1024;
@@ -381,19 +392,15 @@ static ap_status assemble_costs(ap_shard_problem *p) {
             }
         }
     }
-    for (int gi = 0; gi < p->n_groups; gi++) {
-        ap_group *gr = &p->groups[gi];
-        bool any = false;
-        for (int j = 0; j < gr->n_strat; j++) any |= gr->ok[j] != 0;
-        if (!any) {
-            const ap_node *r = g->nodes[gr->root];
-            return ap_error(AUTOPAR_ERR_INFEASIBLE,
-                            "sharding: none of the %d strategies of '%s' (%s) and the %d ops "
-                            "merged into it is realisable on mesh %d x %d under the options "
-                            "(e.g. a resharding they need is forbidden)",
-                            gr->n_strat, r->name, ap_op_name(r->op), gr->n_members - 1,
-                            p->mesh->shape[0], p->mesh->shape[1]);
-        }
+    const ap_group *dead = group_without_strategy(p);
+    if (dead) {
+        const ap_node *r = g->nodes[dead->root];
+        return ap_error(AUTOPAR_ERR_INFEASIBLE,
+                        "sharding: none of the %d strategies of '%s' (%s) and the %d ops merged "
+                        "into it is realisable on mesh %d x %d under the options (e.g. a "
+                        "resharding they need is forbidden)",
+                        dead->n_strat, r->name, ap_op_name(r->op), dead->n_members - 1,
+                        p->mesh->shape[0], p->mesh->shape[1]);
     }
     /* Edges between groups. One side with a single allowed strategy folds into the other. */
     for (int t = 0; t < p->n_order; t++) {
@@ -496,18 +503,13 @@ static ap_status assemble_costs(ap_shard_problem *p) {
             E->cost = NULL;
         }
     }
-    for (int gi = 0; gi < p->n_groups; gi++) {
-        ap_group *gr = &p->groups[gi];
-        bool any = false;
-        for (int j = 0; j < gr->n_strat; j++) any |= gr->ok[j] != 0;
-        if (!any) {
-            const ap_node *r = g->nodes[gr->root];
-            return ap_error(AUTOPAR_ERR_INFEASIBLE,
-                            "sharding: no strategy of '%s' (%s) can read its operands from, or "
-                            "hand its result to, the layouts its neighbours allow under the "
-                            "options",
-                            r->name, ap_op_name(r->op));
-        }
+    dead = group_without_strategy(p);
+    if (dead) {
+        const ap_node *r = g->nodes[dead->root];
+        return ap_error(AUTOPAR_ERR_INFEASIBLE,
+                        "sharding: no strategy of '%s' (%s) can read its operands from, or hand "
+                        "its result to, the layouts its neighbours allow under the options",
+                        r->name, ap_op_name(r->op));
     }
     return AUTOPAR_OK;
 }
