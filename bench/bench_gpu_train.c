@@ -344,8 +344,7 @@ int main(int argc, char **argv) {
     int rc = parse(argc, argv, &o);
     if (rc) return rc;
     if (!ap_backend_cuda_compiled() || ap_backend_cuda_device_count() == 0) {
-        printf("no CUDA device (%s): nothing to measure\n",
-               ap_backend_cuda_compiled() ? "none visible" : "this build has no CUDA backend");
+        printf("no CUDA device (%s): nothing to measure\n", ap_backend_cuda_no_device_reason());
         return 0;
     }
     ap_backend *b = NULL;

@@ -21,11 +21,13 @@
 
 bool ap_backend_cuda_compiled(void) { return true; }
 int ap_backend_cuda_device_count(void) { return ap_cuda_device_count(); }
+const char *ap_backend_cuda_no_device_reason(void) { return ap_cuda_no_device_reason(); }
 
 #else
 
 bool ap_backend_cuda_compiled(void) { return false; }
 int ap_backend_cuda_device_count(void) { return 0; }
+const char *ap_backend_cuda_no_device_reason(void) { return "this build has no CUDA backend"; }
 
 ap_status ap_backend_cuda_new(int device, ap_backend **out) {
     (void)device;
@@ -61,8 +63,9 @@ static ap_status new_cuda(int device, ap_backend **out) {
     int count = ap_backend_cuda_device_count();
     if (count <= 0)
         return ap_error(AUTOPAR_ERR_UNSUPPORTED,
-                        "CUDA backend requested but no CUDA device is visible (driver missing, "
-                        "no GPU, or CUDA_VISIBLE_DEVICES hides them)");
+                        "CUDA backend requested but no CUDA device is visible (%s; driver "
+                        "missing or older than the toolkit, no GPU, or CUDA_VISIBLE_DEVICES "
+                        "hides them)", ap_backend_cuda_no_device_reason());
     if (device < 0 || device >= count)
         return ap_error(AUTOPAR_ERR_INVALID_ARG,
                         "CUDA backend requested on device %d, but the visible devices are "

@@ -133,8 +133,12 @@ AP_INTERNAL void ap_backend_free(ap_backend *b);
 /* True when this build contains the CUDA backend (AUTOPAR_USE_CUDA). */
 AP_INTERNAL bool ap_backend_cuda_compiled(void);
 
-/* Number of visible CUDA devices; 0 without CUDA support or without a driver. Never fails. */
+/* Number of visible CUDA devices; 0 without CUDA support or without a driver. Never fails and
+ * leaves autopar_last_error() alone. */
 AP_INTERNAL int ap_backend_cuda_device_count(void);
+/* Why the last ap_backend_cuda_device_count() returned 0, for messages; "" after it found
+ * devices. */
+AP_INTERNAL const char *ap_backend_cuda_no_device_reason(void);
 
 /* The implementations' constructors (used by ap_backend_new; the CUDA one exists only in CUDA
  * builds, and backend.c replaces it with a stub otherwise). */

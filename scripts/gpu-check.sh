@@ -12,6 +12,8 @@
 #   scripts/gpu-check.sh
 #   AUTOPAR_CUDA_ARCHS="90" scripts/gpu-check.sh     (default "80;90"; "native" also works)
 #   AUTOPAR_BENCH_TIMEOUT=900 scripts/gpu-check.sh   (seconds per benchmark, default 300)
+# Without network, first run `bash scripts/gpu-deps.sh fetch` on a machine with apt and carry
+# .deps/debs along: this script then unpacks and uses those packages where the system lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -45,6 +47,26 @@ finish() { print_table; exit "$failed"; }
 
 mkdir -p "$dir"
 : >"$log"
+
+# -- 0. dependencies ---------------------------------------------------------------------------
+# A machine without network (the lent GPU machines) gets the Debian dependencies as .debs that
+# `bash scripts/gpu-deps.sh fetch` downloaded elsewhere into .deps/debs; env unpacks those the
+# system lacks into .deps/root and exports their paths, and finds a pip wheel's NCCL.
+deps="the system's"
+if [ -d .deps/debs ]; then
+  if ! deps_env=$(bash scripts/gpu-deps.sh env); then
+    add_row "dependencies" "FAIL" "-" "scripts/gpu-deps.sh env failed"
+    failed=1
+    finish
+  fi
+  eval "$deps_env"
+  if [ -n "${AUTOPAR_DEPS_ROOT:-}" ]; then
+    deps="unpacked .debs in $AUTOPAR_DEPS_ROOT ($(cat .deps/debs/source.txt 2>/dev/null))"
+  fi
+fi
+[ -n "${NCCL_ROOT:-}" ] && deps="$deps; NCCL_ROOT $NCCL_ROOT"
+echo "dependencies: $deps; mpicc: $(command -v mpicc || echo none)"
+add_row "dependencies" "info" "-" "$deps"
 
 if command -v nvidia-smi >/dev/null 2>&1; then
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |

@@ -42,7 +42,7 @@ static ap_status dev_download(void *ctx, void *dst, const void *src, size_t byte
 int main(void) {
     const int devices = ap_cuda_device_count();
     if (devices == 0) {
-        printf("no CUDA device (%s): skipping\n", autopar_last_error());
+        printf("no CUDA device (%s): skipping\n", ap_cuda_no_device_reason());
         return 77;
     }
     ap_comm *world = NULL;

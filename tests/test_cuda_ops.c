@@ -685,7 +685,7 @@ static void run_all(ap_cuda_ctx *ctx) {
 
 int main(void) {
     if (ap_cuda_device_count() == 0) {
-        printf("no CUDA device (%s): skipping\n", autopar_last_error());
+        printf("no CUDA device (%s): skipping\n", ap_cuda_no_device_reason());
         return 77;
     }
     ap_cuda_ctx *ctx = NULL;

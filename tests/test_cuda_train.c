@@ -270,7 +270,7 @@ int main(void) {
         return 77;
     }
     if (ap_backend_cuda_device_count() == 0) {
-        printf("no CUDA device visible (%s): skipping\n", autopar_last_error());
+        printf("no CUDA device visible (%s): skipping\n", ap_backend_cuda_no_device_reason());
         return 77;
     }
     ap_backend *b = NULL;

@@ -32,22 +32,29 @@ ap_status ap_cuda_fail(const char *what, const char *expr, const char *err_name,
 /* Devices and contexts                                                                        */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Why the last ap_cuda_device_count() found none: a driver older than the toolkit must not read
+ * like "no GPU" in skip messages. Written only on the first thread that queries (the count is
+ * asked before any rank starts threads). */
+static char no_device_reason[256];
+
 int ap_cuda_device_count(void) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
         (void)cudaGetLastError(); /* no driver / no device: clear the error, report none */
-        /* keep the reason: a driver older than the toolkit must not read like "no GPU" */
-        (void)ap_error(AUTOPAR_ERR_UNSUPPORTED, "cudaGetDeviceCount: %s: %s",
-                       cudaGetErrorName(e), cudaGetErrorString(e));
+        snprintf(no_device_reason, sizeof no_device_reason, "cudaGetDeviceCount: %s: %s",
+                 cudaGetErrorName(e), cudaGetErrorString(e));
         return 0;
     }
     if (n <= 0) {
-        (void)ap_error(AUTOPAR_ERR_UNSUPPORTED, "cudaGetDeviceCount: no devices");
+        snprintf(no_device_reason, sizeof no_device_reason, "cudaGetDeviceCount: 0 devices");
         return 0;
     }
+    no_device_reason[0] = '\0';
     return n;
 }
+
+const char *ap_cuda_no_device_reason(void) { return no_device_reason; }
 
 /* Releases whatever part of a context was created; safe on a partly built one. */
 static void ctx_destroy(ap_cuda_ctx *ctx) {

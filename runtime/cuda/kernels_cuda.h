@@ -14,9 +14,12 @@ extern "C" {
 /* Opaque per-rank CUDA context: device, stream, cuBLAS handle, scratch memory. */
 typedef struct ap_cuda_ctx ap_cuda_ctx;
 
-/* Number of visible CUDA devices (0 when none or when the driver is missing or too old; never
- * fails). When it returns 0, autopar_last_error() says why (for skip messages). */
+/* Number of visible CUDA devices (0 when none or when the driver is missing or too old). Never
+ * fails and leaves autopar_last_error() alone. */
 AP_INTERNAL int ap_cuda_device_count(void);
+/* Why the last ap_cuda_device_count() returned 0 (the CUDA error, e.g. a driver older than the
+ * toolkit); "" after it found devices. */
+AP_INTERNAL const char *ap_cuda_no_device_reason(void);
 
 /* Creates a context on device `device` with its own stream and cuBLAS handle. */
 AP_INTERNAL ap_status ap_cuda_ctx_new(int device, ap_cuda_ctx **out);
