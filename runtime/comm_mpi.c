@@ -578,6 +578,14 @@ static ap_status no_overlap(const ap_comm *c, const char *what, const void *a, s
         if (ap_s_ != AUTOPAR_OK) return ap_s_;                                                  \
     } while (0)
 
+/* The checks every collective of equal send and receive counts starts with. */
+static ap_status check_collective(const ap_comm *c, const char *what, const void *send,
+                                  const void *recv, size_t count, ap_comm_dtype t) {
+    CHECK(check_comm(c, what));
+    CHECK(check_buf(c, what, "send", send, count, t));
+    return check_buf(c, what, "receive", recv, count, t);
+}
+
 ap_status ap_comm_split(ap_comm *parent, int color, int key, ap_comm **out) {
     const char *what = "ap_comm_split";
     CHECK(check_comm(parent, what));
@@ -592,9 +600,7 @@ ap_status ap_comm_split(ap_comm *parent, int color, int key, ap_comm **out) {
 ap_status ap_comm_all_reduce(ap_comm *comm, const void *send, void *recv, size_t count,
                              ap_comm_dtype t, ap_comm_op op) {
     const char *what = "ap_comm_all_reduce";
-    CHECK(check_comm(comm, what));
-    CHECK(check_buf(comm, what, "send", send, count, t));
-    CHECK(check_buf(comm, what, "receive", recv, count, t));
+    CHECK(check_collective(comm, what, send, recv, count, t));
     CHECK(check_op(comm, what, op));
     size_t bytes = count * ap_comm_dtype_size(t);
     if (send != recv) CHECK(no_overlap(comm, what, send, bytes, recv, bytes));
@@ -605,9 +611,7 @@ ap_status ap_comm_all_reduce(ap_comm *comm, const void *send, void *recv, size_t
 ap_status ap_comm_all_gather(ap_comm *comm, const void *send, void *recv, size_t count,
                              ap_comm_dtype t) {
     const char *what = "ap_comm_all_gather";
-    CHECK(check_comm(comm, what));
-    CHECK(check_buf(comm, what, "send", send, count, t));
-    CHECK(check_buf(comm, what, "receive", recv, count, t));
+    CHECK(check_collective(comm, what, send, recv, count, t));
     size_t es = ap_comm_dtype_size(t);
     if (send != (const char *)recv + (size_t)comm->rank * count * es)
         CHECK(no_overlap(comm, what, send, count * es, recv, count * es * (size_t)comm->size));
@@ -618,9 +622,7 @@ ap_status ap_comm_all_gather(ap_comm *comm, const void *send, void *recv, size_t
 ap_status ap_comm_reduce_scatter(ap_comm *comm, const void *send, void *recv, size_t count,
                                  ap_comm_dtype t, ap_comm_op op) {
     const char *what = "ap_comm_reduce_scatter";
-    CHECK(check_comm(comm, what));
-    CHECK(check_buf(comm, what, "send", send, count, t));
-    CHECK(check_buf(comm, what, "receive", recv, count, t));
+    CHECK(check_collective(comm, what, send, recv, count, t));
     CHECK(check_op(comm, what, op));
     size_t es = ap_comm_dtype_size(t);
     if ((const char *)send + (size_t)comm->rank * count * es != (const char *)recv)
@@ -632,9 +634,7 @@ ap_status ap_comm_reduce_scatter(ap_comm *comm, const void *send, void *recv, si
 ap_status ap_comm_all_to_all(ap_comm *comm, const void *send, void *recv, size_t count,
                              ap_comm_dtype t) {
     const char *what = "ap_comm_all_to_all";
-    CHECK(check_comm(comm, what));
-    CHECK(check_buf(comm, what, "send", send, count, t));
-    CHECK(check_buf(comm, what, "receive", recv, count, t));
+    CHECK(check_collective(comm, what, send, recv, count, t));
     size_t bytes = count * ap_comm_dtype_size(t) * (size_t)comm->size;
     CHECK(no_overlap(comm, what, send, bytes, recv, bytes));
     if (count == 0) return AUTOPAR_OK;
