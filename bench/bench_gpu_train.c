@@ -9,7 +9,7 @@
  *   ./bench_gpu_train [--model all|gpt|mlp] [--steps 10] [--warmup 2] [--device 0]
  *                     [--gpt-batch 8] [--gpt-seq 1024] [--gpt-layers 12] [--gpt-hidden 768]
  *                     [--gpt-heads 12] [--gpt-vocab 50257] [--mlp-dim 1024] [--mlp-batch 2048]
- *                     [--peak-tflops X]
+ *                     [--peak-tflops X] [--backend cuda|cpu]
  *
  * Printed per model: ms/step (fastest of --steps timed steps after --warmup untimed ones, and the
  * mean), tokens/s (GPT; samples/s for the MLP), model TFLOP per step and achieved TFLOP/s, and
@@ -31,6 +31,8 @@
  * steps, i.e. about 218K tokens/s per A100; discussion #481 calls this "up to ~60% model flops
  * utilization". We found no published single-H100 llm.c figure, so none is printed.
  *
+ * --backend cpu runs the same flow on the CPU backend: a dry run of this program on machines
+ * without a GPU (use small --gpt-* / --mlp-* sizes; MFU needs --peak-tflops there).
  * Without a CUDA backend or device it prints "no CUDA device" and exits 0. Exit 1 on a library
  * error (printing autopar_last_error()), 2 on bad flags.
  */
@@ -42,6 +44,7 @@
 #include "models.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,6 +95,7 @@ static const gpu_peak *find_peak(const char *device_name) {
 
 typedef struct opts {
     const char *model;
+    bool        cpu;          /* --backend cpu: the same flow on the CPU backend (dry run) */
     int         steps, warmup, device;
     gpt_config  gpt;
     mlp_config  mlp;
@@ -112,6 +116,8 @@ static int parse(int argc, char **argv, opts *o) {
         const char *v = argv[++i];
         long long n = atoll(v);
         if (!strcmp(a, "--model")) o->model = v;
+        else if (!strcmp(a, "--backend") && (!strcmp(v, "cpu") || !strcmp(v, "cuda")))
+            o->cpu = !strcmp(v, "cpu");
         else if (!strcmp(a, "--steps")) o->steps = (int)n;
         else if (!strcmp(a, "--warmup")) o->warmup = (int)n;
         else if (!strcmp(a, "--device")) o->device = (int)n;
@@ -284,7 +290,12 @@ static int bench_gpt(ap_backend *b, const opts *o, const gpu_peak *pk, char *sum
            "~60%% BF16 MFU per discussion #481); ours / llm.c = %.3f (different GPU and "
            "precision; no published single-H100 llm.c figure found)\n",
            LLMC_TOKENS_PER_S_GPU, tok_s / LLMC_TOKENS_PER_S_GPU);
-    snprintf(summary, summary_len, "gpt2-124M B=%lld %.0f ms %.0f tok/s MFU(fp32) %.1f%%",
+    const bool gpt2_124m = c.layers == 12 && c.hidden == 768 && c.heads == 12 &&
+                           c.seq == 1024 && c.vocab == 50257;
+    char label[64];
+    snprintf(label, sizeof label, gpt2_124m ? "gpt2-124M" : "gpt L%d C%lld T%lld V%lld",
+             c.layers, (long long)c.hidden, (long long)c.seq, (long long)c.vocab);
+    snprintf(summary, summary_len, "%s B=%lld %.0f ms %.0f tok/s MFU(fp32) %.1f%%", label,
              (long long)c.batch, 1e3 * t.mean_s, tok_s, 100.0 * mfu);
     rc = 0;
 done:
@@ -343,12 +354,12 @@ int main(int argc, char **argv) {
     opts o;
     int rc = parse(argc, argv, &o);
     if (rc) return rc;
-    if (!ap_backend_cuda_compiled() || ap_backend_cuda_device_count() == 0) {
+    if (!o.cpu && (!ap_backend_cuda_compiled() || ap_backend_cuda_device_count() == 0)) {
         printf("no CUDA device (%s): nothing to measure\n", ap_backend_cuda_no_device_reason());
         return 0;
     }
     ap_backend *b = NULL;
-    if (ap_backend_new(AP_BACKEND_CUDA, o.device, &b) != AUTOPAR_OK) {
+    if (ap_backend_new(o.cpu ? AP_BACKEND_CPU : AP_BACKEND_CUDA, o.device, &b) != AUTOPAR_OK) {
         fprintf(stderr, "bench_gpu_train: %s\n", autopar_last_error());
         return 1;
     }
