@@ -293,6 +293,10 @@ ap_status ap_pipeline_new(const autopar_plan *p, ap_backend *b, ap_comm *world,
     *out = NULL;
     if (!p || !b || !world || !dev_world || !o)
         return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: NULL argument", fn);
+    /* stage messages, statuses and the loss travel in host buffers over world */
+    if (ap_comm_device_buffers(world))
+        return ap_error(AUTOPAR_ERR_INVALID_ARG, "%s: world must be a host-memory (MPI) "
+                        "communicator; the device one is dev_world", fn);
     int rank = ap_comm_rank(world), size = ap_comm_size(world);
     ap_status st = AUTOPAR_OK;
     ap_pipeline *pp = calloc(1, sizeof *pp);

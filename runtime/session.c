@@ -135,7 +135,8 @@ static ap_status make_backend(autopar_session *s, autopar_backend_kind kind) {
         dev = ap_comm_local_device(s->world, n);
         if (dev < 0)
             st = ap_error(AUTOPAR_ERR_UNSUPPORTED, "autopar_session_new: rank %d sees no CUDA "
-                          "device", ap_comm_rank(s->world));
+                          "device (%s)", ap_comm_rank(s->world),
+                          ap_backend_cuda_no_device_reason());
     }
     if (!st) st = ap_backend_new(k, dev, &s->backend);
     if ((st = ap_comm_all_ok(s->world, st))) return st;

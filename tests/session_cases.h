@@ -32,7 +32,6 @@
 
 static int g_size;   /* world size */
 
-
 typedef struct model {
     bool           gpt;
     mlp_config     mc;
@@ -124,6 +123,15 @@ __attribute__((unused)) static int states_differ(autopar_session *sa, autopar_se
     return differ;
 }
 
+/* The backend run_case's sessions use: AUTOPAR_TEST_BACKEND=cuda or auto (scripts/gpu-check.sh
+ * runs the session test so on one GPU), the CPU backend otherwise. */
+static autopar_backend_kind test_backend_kind(void) {
+    const char *e = getenv("AUTOPAR_TEST_BACKEND");
+    if (e && !strcmp(e, "cuda")) return AUTOPAR_BACKEND_CUDA;
+    if (e && !strcmp(e, "auto")) return AUTOPAR_BACKEND_AUTO;
+    return AUTOPAR_BACKEND_CPU;
+}
+
 /* Checkpoints across plans: trains 2 steps under plan pa, saves to "<test>_np<N>.ckpt", loads
  * the file into a session of plan pb (another seed), and checks the loaded step count, every
  * parameter and optimizer state bit for bit, the next step's losses within TOL, and that a
@@ -136,8 +144,8 @@ __attribute__((unused)) static void checkpoint_round_trip(const model *m, autopa
     snprintf(path, sizeof path, "%s_np%d.ckpt", test, g_size);
     autopar_session *sa = NULL, *sb = NULL;
     if (pa && pb) {
-        EXPECT_OK(autopar_session_new(pa, AUTOPAR_BACKEND_CPU, SEED, &sa));
-        EXPECT_OK(autopar_session_new(pb, AUTOPAR_BACKEND_CPU, SEED + 1, &sb));
+        EXPECT_OK(autopar_session_new(pa, test_backend_kind(), SEED, &sa));
+        EXPECT_OK(autopar_session_new(pb, test_backend_kind(), SEED + 1, &sb));
     }
     void *a = malloc((size_t)m->in_n[0] * 4), *b = malloc((size_t)m->in_n[1] * 4);
     autopar_session *both[2] = {sa, sb};
@@ -174,15 +182,6 @@ __attribute__((unused)) static void checkpoint_round_trip(const model *m, autopa
     free(b);
     autopar_session_free(sa);
     autopar_session_free(sb);
-}
-
-/* The backend run_case's sessions use: AUTOPAR_TEST_BACKEND=cuda or auto (scripts/gpu-check.sh
- * runs the session test so on one GPU), the CPU backend otherwise. */
-static autopar_backend_kind test_backend_kind(void) {
-    const char *e = getenv("AUTOPAR_TEST_BACKEND");
-    if (e && !strcmp(e, "cuda")) return AUTOPAR_BACKEND_CUDA;
-    if (e && !strcmp(e, "auto")) return AUTOPAR_BACKEND_AUTO;
-    return AUTOPAR_BACKEND_CPU;
 }
 
 /* Payload bytes the plan's cross-stage transfers carry per step when every receiving tile
