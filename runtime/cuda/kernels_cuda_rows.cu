@@ -196,6 +196,18 @@ __device__ void row_stats(const float *xr, i64 C, float eps, float *mean, float 
     *rstd = 1.0f / sqrtf(var + eps);
 }
 
+// x row of n values; every thread of the block gets its max and the sum of exp(x - max) (the
+// numerically stable softmax / log-sum-exp statistics; max = -inf and sum = 0 for n = 0).
+__device__ void row_max_sum_exp(const float *xr, i64 n, float *max_out, float *sum_out) {
+    float m = -INFINITY;
+    for (i64 c = threadIdx.x; c < n; c += blockDim.x) m = fmaxf(m, xr[c]);
+    m = block_max(m);
+    float s = 0.0f;
+    for (i64 c = threadIdx.x; c < n; c += blockDim.x) s += expf(xr[c] - m);
+    *max_out = m;
+    *sum_out = block_sum(s);
+}
+
 // out, x are (rows, C); gain, bias are (C)
 __global__ void layernorm_kernel(float *out, const float *x, const float *gain,
                                  const float *bias, i64 C, float eps) {
@@ -250,12 +262,8 @@ __global__ void softmax_kernel(float *out, const float *x, i64 C, i64 T, int cau
         i64 i = blockIdx.x % T + row0;
         valid = i + 1 < C ? i + 1 : C;
     }
-    float m = -INFINITY;
-    for (i64 c = threadIdx.x; c < valid; c += blockDim.x) m = fmaxf(m, xr[c]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < valid; c += blockDim.x) s += expf(xr[c] - m);
-    s = block_sum(s);
+    float m, s;
+    row_max_sum_exp(xr, valid, &m, &s);
     float inv = 1.0f / s;
     for (i64 c = threadIdx.x; c < C; c += blockDim.x)
         outr[c] = c < valid ? expf(xr[c] - m) * inv : 0.0f;
@@ -278,12 +286,8 @@ __global__ void cross_entropy_kernel(float *loss, const float *logits, const int
     const float *xr = logits + blockIdx.x * V;
     int label = labels[blockIdx.x];
     bool ok = label >= 0 && label < V;
-    float m = -INFINITY;
-    for (i64 c = threadIdx.x; c < V; c += blockDim.x) m = fmaxf(m, xr[c]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < V; c += blockDim.x) s += expf(xr[c] - m);
-    s = block_sum(s);
+    float m, s;
+    row_max_sum_exp(xr, V, &m, &s);
     if (threadIdx.x == 0) {
         if (!ok) ap_cuda_report_bad_index(flag, code, label, (int)V, (long long)blockIdx.x);
         loss[blockIdx.x] = ok ? logf(s) + m - xr[label] : 0.0f;
@@ -299,12 +303,8 @@ __global__ void cross_entropy_back_kernel(float *dx, const float *dl, const floa
     float *dxr = dx + blockIdx.x * V;
     int label = labels[blockIdx.x];
     bool ok = label >= 0 && label < V;
-    float m = -INFINITY;
-    for (i64 c = threadIdx.x; c < V; c += blockDim.x) m = fmaxf(m, xr[c]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < V; c += blockDim.x) s += expf(xr[c] - m);
-    s = block_sum(s);
+    float m, s;
+    row_max_sum_exp(xr, V, &m, &s);
     if (!ok && threadIdx.x == 0)
         ap_cuda_report_bad_index(flag, code, label, (int)V, (long long)blockIdx.x);
     float g = dl[0] * inv_rows, inv = 1.0f / s;
@@ -320,12 +320,8 @@ __global__ void ce_partial_kernel(float *part, const float *logits, const int *l
                                   i64 v0, i64 V, ap_cuda_flag *flag, int code) {
     const float *xr = logits + blockIdx.x * Vl;
     int label = labels[blockIdx.x];
-    float m = -INFINITY;
-    for (i64 c = threadIdx.x; c < Vl; c += blockDim.x) m = fmaxf(m, xr[c]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < Vl; c += blockDim.x) s += expf(xr[c] - m);
-    s = block_sum(s);
+    float m, s;
+    row_max_sum_exp(xr, Vl, &m, &s);
     if (threadIdx.x == 0) {
         if (label < 0 || label >= V)
             ap_cuda_report_bad_index(flag, code, label, (int)V, (long long)blockIdx.x);
