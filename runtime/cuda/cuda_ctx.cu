@@ -33,8 +33,8 @@ ap_status ap_cuda_fail(const char *what, const char *expr, const char *err_name,
 /* ------------------------------------------------------------------------------------------ */
 
 /* Why the last ap_cuda_device_count() found none: a driver older than the toolkit must not read
- * like "no GPU" in skip messages. Written only on the first thread that queries (the count is
- * asked before any rank starts threads). */
+ * like "no GPU" in skip messages. Written by every query, so not thread-safe: the runtime asks
+ * for the count from each rank's main thread only. */
 static char no_device_reason[256];
 
 int ap_cuda_device_count(void) {
